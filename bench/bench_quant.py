@@ -1,0 +1,105 @@
+"""Cost of fake quantization on the embedded model (2 CPU cores in the README figures).
+
+1. Generation, 4 prompts x 64 new tokens (greedy): the fake-quant student inside the
+   rollout cache (`frozen_quant`) against the same model unquantized, and against the
+   student re-quantizing its weights on every forward.
+2. One training step (forward + backward, batch 4 x 256 tokens): the fake-quant student
+   against the unquantized model.
+
+Measurements are interleaved and repeated; medians and their ratios are printed.
+
+    uv run python bench/bench_quant.py [--quant-type mxfp4] [--repeats 5]
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models import load_model  # noqa: E402
+from quant import frozen_quant, quantize_model  # noqa: E402
+
+PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?",
+           "Explain why the sky is blue.", "Give me three tips for learning Python."]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quant-type", "--quant_type", default="mxfp4")
+    parser.add_argument("--group-size", "--group_size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", "--new_tokens", type=int, default=64)
+    parser.add_argument("--seq-len", "--seq_len", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, tokenizer = load_model()
+    student = copy.deepcopy(model)
+    quantize_model(student, args.quant_type, args.group_size)
+    tokenizer.padding_side = "left"
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in PROMPTS]
+    batch = tokenizer(chats, return_tensors="pt", padding=True)
+    gen_kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      pad_token_id=tokenizer.pad_token_id)
+
+    def generate(m):
+        with torch.no_grad():
+            out = m.generate(**batch, **gen_kwargs)
+        assert out.shape[1] - batch["input_ids"].shape[1] == args.new_tokens
+
+    def generate_cached():
+        with frozen_quant(student):
+            generate(student)
+
+    tokens = len(PROMPTS) * args.new_tokens
+    gen = {"unquantized": lambda: generate(model), "fake-quant, rollout cache": generate_cached,
+           "fake-quant, re-quantize every forward": lambda: generate(student)}
+    for fn in gen.values():
+        fn()  # warm-up
+    times = {name: [] for name in gen}
+    for _ in range(args.repeats):
+        for name, fn in gen.items():
+            times[name].append(timed(fn))
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"generation: {len(PROMPTS)} prompts x {args.new_tokens} new tokens, {args.quant_type}, "
+          f"median of {args.repeats}, {torch.get_num_threads()} threads")
+    for name, value in tps.items():
+        print(f"  {name:40s} {value:8.1f} tokens/s")
+    cached = tps["fake-quant, rollout cache"]
+    print(f"  cache vs unquantized:   {cached / tps['unquantized']:.2f}x  (target >= 0.9x)")
+    print(f"  cache vs re-quantizing: {cached / tps['fake-quant, re-quantize every forward']:.2f}x  (target >= 3x)")
+
+    ids = torch.randint(0, model.config.vocab_size, (4, args.seq_len))
+
+    def train_step(m):
+        m(input_ids=ids, labels=ids).loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    steps = {"unquantized": lambda: train_step(model), "fake-quant": lambda: train_step(student)}
+    for fn in steps.values():
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, fn in steps.items():
+            times[name].append(timed(fn))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"training step: forward + backward, batch 4 x {args.seq_len}, median of {args.repeats}")
+    for name, value in med.items():
+        print(f"  {name:40s} {value:8.2f} s")
+    print(f"  fake-quant vs unquantized: {med['fake-quant'] / med['unquantized']:.2f}x time  (target <= 1.15x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Fake quantization of weights to MXFP4 and INT4, and the 4-bit student built from it.
+
+Numerics are pure tensor functions (``fake_quantize``, ``pack_*``/``unpack_*``); the
+student is a thin module swap (``quantize_model``) that makes every ``nn.Linear`` but
+``lm_head`` see its quantized weight while the gradient flows straight through to the
+full-precision latent weight.
+
+Formats (quantization runs along the last dimension, the reduction dimension of a
+``nn.Linear`` weight):
+
+* ``mxfp4``: OCP Microscaling v1.0. Blocks of 32 share an E8M0 scale 2^e; elements are
+  E2M1 {0, 0.5, 1, 1.5, 2, 3, 4, 6}, rounded to nearest with ties to even and saturated
+  at +-6. ``scale_rule="floor"`` is the spec's e = floor(log2(amax)) - 2 (so magnitudes in
+  (6, 8) x scale clip to 6), bit-exact with torchao's ``to_mx(..., FLOOR)``;
+  ``scale_rule="rceil"`` is NVIDIA's e = ceil(log2(amax / 6)) used by some deployment
+  kernels (nothing saturates). e is clamped to [-127, 127]; an all-zero block stays zero
+  with scale byte 0. A block holding NaN or +-Inf dequantizes to all NaN (scale byte
+  0xFF), so a diverging latent weight fails loudly instead of silently saturating.
+  torchao divides by 2^-126 where e = -127 (a denormal-scale workaround) and so differs
+  from this exact 2^-127 only for blocks whose amax is below 2^-125.
+* ``int4``: group-wise asymmetric INT4 with a float zero point, the numerics of torchao's
+  ``Int4WeightFakeQuantizer`` for bf16 activations: scale = max(max - min, 1e-6) / 15,
+  u = clamp(round((w - min) / scale), 0, 15), w_hat = (u - 8) * scale + (min + 8 * scale).
+* ``int4_sym``: the symmetric W4A16 convention of compressed-tensors:
+  scale = amax / 7.5, q = clamp(round(w / scale), -8, 7), w_hat = q * scale.
+
+All rounding is ``torch.round`` (half to even). Group sizes never pad: a dimension the
+block or group size does not divide is an error that names the layer and its shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QUANT_TYPES = ("mxfp4", "int4", "int4_sym")
+SCALE_RULES = ("floor", "rceil")
+MX_BLOCK_SIZE = 32
+INT4_DEFAULT_GROUP_SIZE = 128
+# Tried in order when the INT4 group size is not given explicitly.
+INT4_FALLBACK_GROUP_SIZES = (128, 64, 32)
+E2M1_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E8M0_BIAS = 127
+E8M0_NAN = 255
+INT4_ASYM_EPS = 1e-6
+
+
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; valid: {', '.join(QUANT_TYPES)}")
+
+
+def _check_scale_rule(scale_rule: str) -> None:
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"unknown scale_rule {scale_rule!r}; valid: {', '.join(SCALE_RULES)}")
+
+
+def _check_floating(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        dtype = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"fake quantization needs a floating-point tensor, got {dtype}")
+
+
+_logged_fallbacks: set[tuple[int, int]] = set()
+
+
+def resolve_group_size(quant_type: str, in_features: int, group_size: int | None = None,
+                       name: str = "tensor", shape: tuple | None = None) -> int:
+    """The block/group size one layer uses.
+
+    MXFP4 blocks are always 32. For INT4 an explicit ``group_size`` is strict; when it is
+    None the layer uses 128 where it divides ``in_features``, else the largest of 64 and
+    32 that does (SmolLM2's hidden size 576 is not a multiple of 128).
+    """
+    _check_quant_type(quant_type)
+    shape = tuple(shape) if shape is not None else (in_features,)
+    if quant_type == "mxfp4":
+        if group_size not in (None, MX_BLOCK_SIZE):
+            raise ValueError(f"mxfp4 uses blocks of {MX_BLOCK_SIZE} by definition; got group_size={group_size}")
+        if in_features % MX_BLOCK_SIZE:
+            raise ValueError(f"{name} with shape {list(shape)}: in_features {in_features} is not a multiple of "
+                             f"the MXFP4 block size {MX_BLOCK_SIZE}; skip this layer")
+        return MX_BLOCK_SIZE
+    if group_size is not None:
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"{name} with shape {list(shape)}: in_features {in_features} is not a multiple of "
+                             f"group_size {group_size}; choose a group size that divides it or skip this layer")
+        return group_size
+    for candidate in INT4_FALLBACK_GROUP_SIZES:
+        if in_features % candidate == 0:
+            if candidate != INT4_DEFAULT_GROUP_SIZE and (in_features, candidate) not in _logged_fallbacks:
+                _logged_fallbacks.add((in_features, candidate))
+                log.info("int4: in_features %d is not a multiple of %d, using group size %d",
+                         in_features, INT4_DEFAULT_GROUP_SIZE, candidate)
+            return candidate
+    raise ValueError(f"{name} with shape {list(shape)}: in_features {in_features} is not a multiple of any "
+                     f"INT4 group size {INT4_FALLBACK_GROUP_SIZES}; skip this layer")
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+# ---------------------------------------------------------------- MXFP4
+
+def _exp2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exactly 2^e as float32 for integer e in [-127, 127], from the bit pattern (no pow)."""
+    exponent = exponent.to(torch.int32)
+    bits = torch.where(exponent > -E8M0_BIAS, (exponent + E8M0_BIAS) << 23, 1 << 22)  # 2^-127: denormal
+    return bits.view(torch.float32)
+
+
+def _mx_exponent(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
+    """Unbiased shared exponent per block (int32), NaN/Inf blocks marked E8M0_NAN - bias."""
+    if scale_rule == "floor":
+        mantissa, exponent = torch.frexp(amax)  # amax = m * 2^exponent, m in [0.5, 1)
+        shared = exponent - 1 - 2               # floor(log2(amax)) - floor(log2(6))
+    else:
+        mantissa, exponent = torch.frexp(amax / E2M1_MAX)
+        shared = exponent - (mantissa == 0.5).int()  # ceil(log2(amax / 6))
+    shared = torch.where(amax == 0, -E8M0_BIAS, shared).clamp(-E8M0_BIAS, E8M0_BIAS)
+    return torch.where(torch.isfinite(amax), shared, E8M0_NAN - E8M0_BIAS)
+
+
+def _mx_quantize(x: torch.Tensor, scale_rule: str):
+    """(E2M1 values as float32 in blocks [..., K/32, 32], unbiased exponents [..., K/32, 1])."""
+    xb = _blocks(x, MX_BLOCK_SIZE)
+    exponent = _mx_exponent(xb.abs().amax(-1, keepdim=True), scale_rule)
+    scaled = xb * _exp2(-exponent)
+    magnitude = scaled.abs()
+    # Round half to even onto the E2M1 grid (spacing 0.5 below 2, 1 below 4, 2 above) by
+    # adding and subtracting c = spacing * 2^23, whose float32 ulp is the spacing: c has
+    # the magnitude's binary exponent (at least that of 1.0) plus 22. In place: this runs
+    # on every weight at every training step.
+    magic = (magnitude.view(torch.int32) & 0x7F800000).clamp_(min=0x3F800000).add_(22 << 23)
+    magic = magic.view(torch.float32)
+    magnitude.add_(magic).sub_(magic).clamp_(max=E2M1_MAX)
+    return magnitude.copysign_(scaled), exponent
+
+
+def _mx_dequantize(values: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    scale = torch.where(exponent == E8M0_NAN - E8M0_BIAS, float("nan"), _exp2(exponent))
+    return values.mul_(scale)  # values are always a fresh tensor here
+
+
+# ---------------------------------------------------------------- INT4
+
+def _int4_quantize(x: torch.Tensor, group_size: int, symmetric: bool):
+    """(codes 0..15 as float32 in groups [..., K/g, g], scale [..., K/g, 1], zero [..., K/g, 1]).
+
+    Dequantization is (code - 8) * scale + zero for both variants (zero = 0 when symmetric).
+    """
+    xg = _blocks(x, group_size)
+    if symmetric:
+        amax = xg.abs().amax(-1, keepdim=True)
+        amax = torch.where(amax == 0, 1.0, amax)
+        # w / amax * 7.5 rather than w / scale: the group's extreme lands exactly on the
+        # tie +-7.5 (-> -8, +8 clamped to 7) instead of wherever amax / 7.5 rounded.
+        codes = torch.round(xg / amax * 7.5).clamp_(-8, 7).add_(8)
+        scale = amax / 7.5
+        return codes, scale, torch.zeros_like(scale)
+    low = xg.amin(-1, keepdim=True)
+    scale = (xg.amax(-1, keepdim=True) - low).clamp_(min=INT4_ASYM_EPS) / 15
+    codes = torch.round((xg - low) / scale).clamp_(0, 15)
+    return codes, scale, low + scale * 8
+
+
+def _int4_dequantize(codes, scale, zero):
+    return (codes - 8) * scale + zero
+
+
+# ---------------------------------------------------------------- public numerics
+
+def fake_quantize(x: torch.Tensor, quant_type: str, group_size: int | None = None,
+                  scale_rule: str = "floor") -> torch.Tensor:
+    """Quantize then dequantize ``x`` along its last dimension; same shape and dtype."""
+    _check_quant_type(quant_type)
+    _check_scale_rule(scale_rule)
+    _check_floating(x)
+    group = resolve_group_size(quant_type, x.shape[-1], group_size, shape=tuple(x.shape))
+    if quant_type == "mxfp4":
+        out = _mx_dequantize(*_mx_quantize(x, scale_rule))
+    else:
+        out = _int4_dequantize(*_int4_quantize(x, group, quant_type == "int4_sym"))
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [..., K] -> bytes [..., K/2]; element 2k low nibble, 2k+1 high."""
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def pack_mxfp4(w: torch.Tensor, scale_rule: str = "floor"):
+    """MXFP4 storage: (codes uint8 [..., K/2], E8M0 scale bytes uint8 [..., K/32]).
+
+    A code is sign << 3 | index into E2M1_VALUES (the E2M1 bit pattern).
+    """
+    _check_scale_rule(scale_rule)
+    _check_floating(w)
+    resolve_group_size("mxfp4", w.shape[-1], shape=tuple(w.shape))
+    values, exponent = _mx_quantize(w, scale_rule)
+    table = torch.tensor(E2M1_VALUES, device=w.device)
+    index = torch.bucketize(values.abs(), table).clamp_(max=7)  # exact hits; NaN blocks -> 7
+    codes = (index | (torch.signbit(values).to(index.dtype) << 3)).flatten(-2)
+    return _pack_nibbles(codes), (exponent.squeeze(-1) + E8M0_BIAS).to(torch.uint8)
+
+
+def unpack_mxfp4(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Inverse of ``pack_mxfp4``: the dequantized tensor [..., K]."""
+    nibbles = _unpack_nibbles(codes).long()
+    table = torch.tensor(E2M1_VALUES, device=codes.device)
+    values = torch.where(nibbles >= 8, -table[nibbles & 7], table[nibbles & 7])
+    values = values.reshape(*values.shape[:-1], -1, MX_BLOCK_SIZE)
+    out = _mx_dequantize(values, scales.to(torch.int32).unsqueeze(-1) - E8M0_BIAS)
+    return out.flatten(-2).to(dtype)
+
+
+def pack_int4(w: torch.Tensor, group_size: int | None = None, symmetric: bool = False):
+    """INT4 storage: (codes uint8 [..., K/2], scale float32 [..., K/g], zero float32 [..., K/g]).
+
+    w_hat = (code - 8) * scale + zero; zero is all 0 when ``symmetric``.
+    """
+    _check_floating(w)
+    group = resolve_group_size("int4", w.shape[-1], group_size, shape=tuple(w.shape))
+    codes, scale, zero = _int4_quantize(w, group, symmetric)
+    return _pack_nibbles(codes.flatten(-2)), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def unpack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                dtype: torch.dtype = torch.float32):
+    """Inverse of ``pack_int4``; the group size is K / scale.shape[-1]."""
+    nibbles = _unpack_nibbles(codes).float()
+    groups = nibbles.reshape(*scale.shape, -1)
+    return _int4_dequantize(groups, scale.unsqueeze(-1), zero.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+# ---------------------------------------------------------------- the student
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the fake-quantized weight. Backward: the upstream gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, weight, quant_type, group_size, scale_rule):
+        return fake_quantize(weight, quant_type, group_size, scale_rule)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None
+
+
+class FakeQuantLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward sees its weight fake-quantized (straight-through gradient)."""
+
+    def __init__(self, in_features, out_features, bias=True, *, quant_type="mxfp4", group_size=None,
+                 scale_rule="floor", device=None, dtype=None, name="linear"):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        _check_quant_type(quant_type)
+        _check_scale_rule(scale_rule)
+        self.quant_type = quant_type
+        self.scale_rule = scale_rule
+        self.group_size = resolve_group_size(quant_type, in_features, group_size, name,
+                                             (out_features, in_features))
+        self._frozen = False
+        self._cache = None  # (weight version, weight data_ptr, quantized weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name="linear", **quant_kwargs) -> "FakeQuantLinear":
+        """Wrap ``linear``, sharing (not copying) its weight and bias parameters."""
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     device="meta", name=name, **quant_kwargs)
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+    def quantized_weight(self) -> torch.Tensor:
+        if not self._frozen:
+            return _StraightThrough.apply(self.weight, self.quant_type, self.group_size, self.scale_rule)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            raise RuntimeError("a forward with gradients inside frozen_quant() would not train the latent "
+                               "weights; run it under torch.no_grad() or leave frozen_quant() first")
+        key = (self.weight._version, self.weight.data_ptr())
+        if self._cache is None or self._cache[:2] != key:  # an optimizer step bumps the version
+            self._cache = (*key, fake_quantize(self.weight.detach(), self.quant_type, self.group_size,
+                                               self.scale_rule))
+        return self._cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, quant_type={self.quant_type}, group_size={self.group_size}, "
+                f"scale_rule={self.scale_rule}")
+
+
+@dataclass
+class QuantSettings:
+    """What ``quantize_model`` did: enough to rebuild the same student from its latent weights."""
+
+    quant_type: str
+    group_size: int | None = None  # as requested; None = per-layer default
+    scale_rule: str = "floor"
+    skip: tuple[str, ...] = ("lm_head",)
+    layer_group_sizes: dict[str, int] = field(default_factory=dict)  # as resolved per layer
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "skip": list(self.skip)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSettings":
+        return cls(**{**d, "skip": tuple(d.get("skip", ("lm_head",)))})
+
+
+# Where the settings travel with a model: config.json of every saved checkpoint.
+# (Not `quantization_config`, which transformers reads as a real quantizer.)
+CONFIG_KEY = "fake_quant"
+
+
+def _skipped(name: str, skip) -> bool:
+    parts = name.split(".")
+    return any(s in parts or name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_model(model: nn.Module, quant_type: str, group_size: int | None = None,
+                   skip=("lm_head",), scale_rule: str = "floor") -> int:
+    """Swap every ``nn.Linear`` not named in ``skip`` for a ``FakeQuantLinear`` in place.
+
+    Parameters are shared, not copied (an optimizer built before still sees them; tied
+    embeddings are untouched). Returns how many layers were wrapped and records the
+    settings on ``model.quant_settings`` and, for Hugging Face models, in the config.
+    """
+    _check_quant_type(quant_type)
+    _check_scale_rule(scale_rule)
+    skip = tuple(skip)
+    if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise ValueError("model is already quantized (it holds FakeQuantLinear layers)")
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not _skipped(name, skip)]
+    if not targets:
+        raise ValueError(f"no nn.Linear to quantize in {type(model).__name__} (skip={list(skip)})")
+    settings = QuantSettings(quant_type, group_size, scale_rule, skip)
+    for name, linear in targets:  # build all first so a bad shape changes nothing
+        settings.layer_group_sizes[name] = resolve_group_size(
+            quant_type, linear.in_features, group_size, name, tuple(linear.weight.shape))
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FakeQuantLinear.from_linear(
+            linear, name=name, quant_type=quant_type, group_size=settings.layer_group_sizes[name],
+            scale_rule=scale_rule))
+    model.quant_settings = settings
+    if hasattr(model, "config"):
+        setattr(model.config, CONFIG_KEY, settings.to_dict())
+    return len(targets)
+
+
+def quantize_model_from_settings(model: nn.Module, settings: QuantSettings | dict) -> int:
+    """Rebuild a saved student: the same layers, group sizes and scale rule as recorded."""
+    if isinstance(settings, dict):
+        settings = QuantSettings.from_dict(settings)
+    count = quantize_model(model, settings.quant_type, settings.group_size, settings.skip, settings.scale_rule)
+    if settings.layer_group_sizes and model.quant_settings.layer_group_sizes != settings.layer_group_sizes:
+        raise ValueError("the model's layers do not match the recorded quantization settings "
+                         "(different architecture or version?)")
+    return count
+
+
+@contextlib.contextmanager
+def frozen_quant(model: nn.Module):
+    """Rollout cache: each layer quantizes its weight once and reuses it for every forward.
+
+    For generation and evaluation, which rerun the forward many times on unchanged
+    weights. A forward with gradients enabled inside raises (it would train nothing), and
+    an in-place weight update (optimizer step) invalidates that layer's cache.
+    """
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    for layer in layers:
+        layer._frozen, layer._cache = True, None
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._frozen, layer._cache = False, None
