@@ -1,0 +1,218 @@
+"""The generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024), with TRL's semantics.
+
+Per token, with S and T the student's and teacher's distributions after dividing the
+logits by ``temperature``:
+
+* beta = 0: forward KL(T || S);  beta = 1: reverse KL(S || T);
+* 0 < beta < 1: beta * KL(T || M) + (1 - beta) * KL(S || M), M = (1 - beta) * S + beta * T,
+  with the mixture formed in log space.
+
+KL is summed over the vocabulary; positions whose label is -100 are ignored; the result
+is the mean over the remaining positions, or their sum / ``num_items_in_batch`` when given
+(the token count of the whole optimizer step, so gradient accumulation and data
+parallelism see one normalisation).
+
+Near agreement the interior value shrinks like beta * (1 - beta) * KL (e.g. TRL issue
+6780): beta = 0.5 gives about a quarter of the endpoints' gradient. ``normalize=True``
+(``--jsd-normalize``) divides the interior by beta * (1 - beta); it is off by default so
+numbers reproduce TRL's.
+
+Memory: both functions work over chunks of ``chunk_size`` tokens and compute each chunk's
+gradient in the forward pass (a custom autograd function), so the extra memory beyond the
+inputs and their gradients is a few [chunk_size, vocab] float32 tensors, never
+[tokens, vocab]. ``fused_linear_jsd_loss`` goes further and takes hidden states and head
+weights: the full logits never exist. Neither supports double backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _check_hyperparameters(beta: float, temperature: float) -> None:
+    if not 0.0 <= beta <= 1.0 or math.isnan(beta):
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log-softmax in at least float32, with -inf (banned tokens) clamped to the most
+    negative finite value: exp() of it is still 0, and no inf - inf reaches a gradient."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    return log_probs.clamp(min=torch.finfo(dtype).min)
+
+
+def jsd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                  temperature: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """The generalized JSD of each position, shape ``logits.shape[:-1]`` (no masking)."""
+    s = _log_probs(student_logits, temperature)
+    t = _log_probs(teacher_logits, temperature)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+    jsd = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    return jsd / (beta * (1 - beta)) if normalize else jsd
+
+
+def _align(student_logits, teacher_logits, vocab_size):
+    """Truncate both to ``vocab_size`` (padded vocabularies), else insist on equal shapes."""
+    if vocab_size is not None:
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {list(student_logits.shape)} and teacher logits "
+                         f"{list(teacher_logits.shape)} differ; if one vocabulary is padded (Qwen pads its "
+                         f"embedding), pass vocab_size=<the tokenizer's vocabulary size> to truncate both")
+    return student_logits, teacher_logits
+
+
+def _token_weights(labels, shape, num_items_in_batch, like: torch.Tensor):
+    """Per-position weight: 1 / normaliser where counted, 0 where ignored (flattened)."""
+    if labels is None:
+        mask = torch.ones(shape, dtype=torch.bool, device=like.device)
+    else:
+        if tuple(labels.shape) != tuple(shape):
+            raise ValueError(f"labels {list(labels.shape)} do not match the logits' positions {list(shape)}")
+        mask = labels.to(like.device) != IGNORE_INDEX
+    mask = mask.reshape(-1).to(torch.promote_types(like.dtype, torch.float32))
+    if num_items_in_batch is None:
+        denominator = mask.sum().clamp(min=1)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=like.device).clamp(min=1)
+    return mask / denominator
+
+
+def _jsd_chunk(student_logits, teacher_logits, weights, beta, temperature, normalize, need_teacher_grad):
+    """(weighted loss of one chunk, d loss / d student logits, d loss / d teacher logits or None)."""
+    with torch.enable_grad():
+        s = student_logits.detach().requires_grad_()
+        t = teacher_logits.detach().requires_grad_(need_teacher_grad)
+        loss = (jsd_per_token(s, t, beta, temperature, normalize) * weights).sum()
+        grads = torch.autograd.grad(loss, [s, t] if need_teacher_grad else [s])
+    return loss.detach(), grads[0], grads[1] if need_teacher_grad else None
+
+
+class _ChunkedJSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, weights, beta, temperature, normalize, chunk_size):
+        vocab = student_logits.shape[-1]
+        student_flat, teacher_flat = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        need_teacher_grad = ctx.needs_input_grad[1]
+        student_grad = torch.zeros_like(student_flat)
+        teacher_grad = torch.zeros_like(teacher_flat) if need_teacher_grad else None
+        total = torch.zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32),
+                            device=student_logits.device)
+        for rows in _counted_chunks(weights, chunk_size):
+            loss, grad_s, grad_t = _jsd_chunk(student_flat[rows], teacher_flat[rows], weights[rows], beta,
+                                              temperature, normalize, need_teacher_grad)
+            total += loss
+            student_grad[rows] = grad_s.to(student_grad.dtype)
+            if need_teacher_grad:
+                teacher_grad[rows] = grad_t.to(teacher_grad.dtype)
+        ctx.save_for_backward(student_grad, teacher_grad)
+        ctx.shapes = student_logits.shape, teacher_logits.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student_grad, teacher_grad = ctx.saved_tensors
+        student_shape, teacher_shape = ctx.shapes
+        student_grad = (student_grad * grad_output).reshape(student_shape)
+        teacher_grad = None if teacher_grad is None else (teacher_grad * grad_output).reshape(teacher_shape)
+        return student_grad, teacher_grad, None, None, None, None, None
+
+
+def _counted_chunks(weights: torch.Tensor, chunk_size: int):
+    """Index tensors of up to ``chunk_size`` counted positions (ignored ones are skipped)."""
+    counted = weights.nonzero().squeeze(-1)
+    return counted.split(chunk_size)
+
+
+def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None,
+                         beta: float = 0.5, temperature: float = 1.0, num_items_in_batch=None,
+                         normalize: bool = False, vocab_size: int | None = None,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Generalized JSD over [..., vocab] logits, masked by ``labels == -100``; a scalar.
+
+    ``vocab_size`` truncates both logits (a padded vocabulary); ``chunk_size`` bounds the
+    working memory (tokens per chunk) and changes no value. A batch with no counted
+    position returns 0 with zero gradient.
+    """
+    _check_hyperparameters(beta, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    student_logits, teacher_logits = _align(student_logits, teacher_logits, vocab_size)
+    weights = _token_weights(labels, student_logits.shape[:-1], num_items_in_batch, student_logits)
+    return _ChunkedJSD.apply(student_logits, teacher_logits, weights, beta, temperature, normalize, chunk_size)
+
+
+class _FusedLinearJSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, weights, beta,
+                temperature, normalize, chunk_size, vocab_size):
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hidden_grad = torch.zeros_like(student_hidden) if need_hidden_grad else None
+        weight_grad = torch.zeros_like(student_weight) if need_weight_grad else None
+        student_head = student_weight[:vocab_size]
+        teacher_head = teacher_weight[:vocab_size]
+        total = torch.zeros((), dtype=torch.promote_types(student_hidden.dtype, torch.float32),
+                            device=student_hidden.device)
+        for rows in _counted_chunks(weights, chunk_size):
+            h_s = student_hidden[rows]
+            student_logits = h_s @ student_head.T
+            teacher_logits = teacher_hidden[rows] @ teacher_head.T
+            loss, logits_grad, _ = _jsd_chunk(student_logits, teacher_logits, weights[rows], beta, temperature,
+                                              normalize, False)
+            total += loss
+            logits_grad = logits_grad.to(h_s.dtype)
+            if need_hidden_grad:
+                hidden_grad[rows] = logits_grad @ student_head
+            if need_weight_grad:
+                weight_grad[: student_head.shape[0]] += logits_grad.T @ h_s
+        ctx.save_for_backward(hidden_grad, weight_grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_grad, weight_grad = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_output  # noqa: E731
+        return scale(hidden_grad), scale(weight_grad), None, None, None, None, None, None, None, None
+
+
+def fused_linear_jsd_loss(student_hidden: torch.Tensor, student_lm_head_weight: torch.Tensor,
+                          teacher_hidden: torch.Tensor, teacher_lm_head_weight: torch.Tensor, labels=None,
+                          beta: float = 0.5, temperature: float = 1.0, num_items_in_batch=None,
+                          normalize: bool = False, vocab_size: int | None = None,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """``generalized_jsd_loss`` of ``hidden @ lm_head_weight.T`` without materialising the logits.
+
+    Hidden states are [..., hidden] (the final-norm output the head sees); the heads are
+    [vocab, hidden] without bias, and may differ in hidden size. Gradients reach the
+    student's hidden states and head weight; the teacher is treated as constant.
+    """
+    _check_hyperparameters(beta, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student hidden {list(student_hidden.shape)} and teacher hidden "
+                         f"{list(teacher_hidden.shape)} cover different positions")
+    student_vocab, teacher_vocab = student_lm_head_weight.shape[0], teacher_lm_head_weight.shape[0]
+    if vocab_size is None and student_vocab != teacher_vocab:
+        raise ValueError(f"student head {list(student_lm_head_weight.shape)} and teacher head "
+                         f"{list(teacher_lm_head_weight.shape)} have different vocabularies; if one is "
+                         f"padded, pass vocab_size=<the tokenizer's vocabulary size> to truncate both")
+    vocab_size = min(student_vocab, teacher_vocab, vocab_size or student_vocab)
+    positions = student_hidden.shape[:-1]
+    weights = _token_weights(labels, positions, num_items_in_batch, student_hidden)
+    return _FusedLinearJSD.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_lm_head_weight,
+                                 teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(),
+                                 teacher_lm_head_weight.detach(), weights, beta, temperature, normalize,
+                                 chunk_size, vocab_size)
