@@ -23,3 +23,37 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 @pytest.fixture(params=["llama", "qwen3"])
 def tiny(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    from models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, embedded_tokenizer):
+    """A random tiny Llama with the embedded model's tokenizer, saved as a model directory."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_model("llama", vocab_size=len(embedded_tokenizer), hidden_size=64, intermediate_size=128,
+                       max_position_embeddings=512, eos_token_id=embedded_tokenizer.eos_token_id,
+                       pad_token_id=embedded_tokenizer.pad_token_id, bos_token_id=embedded_tokenizer.bos_token_id)
+    model.save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_dataset(tmp_path_factory):
+    """A small local dataset in the chat `messages` schema."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    topics = ["the sea", "a cat", "rain", "numbers", "music", "trees", "a train", "snow"]
+    with open(path, "w") as f:
+        for i, topic in enumerate(topics * 2):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {topic} ({i})."},
+                                             {"role": "assistant", "content": f"Here is a fact about {topic}."}]})
+                    + "\n")
+    return path

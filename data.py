@@ -1,0 +1,174 @@
+"""Prompts and completions for distillation: loading, schema detection, tokenization, batches.
+
+Accepted schemas (a hub dataset name, or a local .json/.jsonl/.parquet file):
+
+* ``messages``: a chat. The prompt is the conversation up to the last assistant turn,
+  rendered with the tokenizer's chat template and its generation prompt; the completion
+  is that last assistant turn (plus EOS).
+* ``prompt`` / ``completion``: strings used as they are, or lists of chat messages
+  rendered like ``messages``.
+* ``text``: plain text, split in two: the first half of its tokens (at most half of
+  ``max_length``) is the prompt, the rest the completion.
+
+The default is the embedded instruction set in ``assets/instructions`` (382 prompts over
+writing, QA, reasoning, math and code, with responses by the embedded teacher; made by
+``assets/make_instructions.py``) with a held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATASET = "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "instructions"
+SCHEMAS = ("messages", "prompt/completion", "text")
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def load_records(dataset: str | None, split: str = "train") -> list[dict]:
+    """Rows of a dataset as dicts: the embedded set, a local file, or a hub dataset."""
+    import datasets
+
+    name = dataset or EMBEDDED_DATASET
+    if name == EMBEDDED_DATASET:
+        path = EMBEDDED_DIR / f"{'heldout' if split in ('heldout', 'test', 'validation') else 'train'}.jsonl"
+        return list(datasets.load_dataset("json", data_files=str(path), split="train"))
+    path = Path(name).expanduser()
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file {name!r} does not exist")
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+    if path.exists():
+        raise ValueError(f"dataset {name!r}: expected a .json, .jsonl or .parquet file or a hub dataset name")
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as e:  # the hub raises many types; all mean "could not get it"
+        raise RuntimeError(f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); pass a local .jsonl file instead") from e
+
+
+def detect_schema(record: dict) -> str:
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt/completion"
+    if "text" in record:
+        return "text"
+    raise ValueError(f"dataset has none of the known columns (messages | prompt + completion | text); "
+                     f"its columns are {sorted(record)}")
+
+
+def _render_chat(tokenizer, messages) -> str:
+    if tokenizer.chat_template is None:
+        raise ValueError("the dataset is a chat but the tokenizer has no chat template; use prompt/completion text")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def to_example(record: dict, schema: str, tokenizer, max_length: int) -> Example:
+    eos = [tokenizer.eos_token_id]
+    if schema == "messages":
+        messages = record["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:  # a prompt-only chat: fine for on-policy rollouts
+            return Example(_encode(tokenizer, _render_chat(tokenizer, messages)), [])
+        prompt = _render_chat(tokenizer, messages[:last])
+        return Example(_encode(tokenizer, prompt), _encode(tokenizer, messages[last]["content"]) + eos)
+    if schema == "prompt/completion":
+        prompt, completion = record["prompt"], record["completion"]
+        prompt_text = _render_chat(tokenizer, prompt) if isinstance(prompt, list) else prompt
+        completion_text = completion[-1]["content"] if isinstance(completion, list) else completion
+        return Example(_encode(tokenizer, prompt_text), _encode(tokenizer, completion_text) + eos)
+    ids = _encode(tokenizer, record["text"])
+    cut = min(len(ids) // 2, max_length // 2)
+    return Example(ids[:cut], ids[cut:])
+
+
+def prepare_examples(records: list[dict], tokenizer, max_length: int, min_completion_tokens: int = 1,
+                     need_completions: bool = True) -> list[Example]:
+    """Tokenize, filter and truncate. Filtered samples are counted and logged, never fatal;
+    an empty result is an error."""
+    if not records:
+        raise ValueError("the dataset is empty")
+    schema = detect_schema(records[0])
+    examples, dropped = [], {"empty prompt": 0, "no completion": 0, "prompt too long": 0}
+    for record in records:
+        example = to_example(record, schema, tokenizer, max_length)
+        if not example.prompt_ids:
+            dropped["empty prompt"] += 1
+        elif need_completions and not example.completion_ids:
+            dropped["no completion"] += 1
+        elif len(example.prompt_ids) + min_completion_tokens > max_length:
+            dropped["prompt too long"] += 1
+        else:
+            room = max_length - len(example.prompt_ids)
+            examples.append(Example(example.prompt_ids, example.completion_ids[:room]))
+    if any(dropped.values()):
+        log.warning("kept %d of %d samples (%s)", len(examples), len(records),
+                    ", ".join(f"{n} {why}" for why, n in dropped.items() if n))
+    if not examples:
+        raise ValueError(f"no usable sample left after filtering {len(records)} ({dropped}); "
+                         f"raise --max-length or check the dataset")
+    log.info("dataset: %d examples (schema %s)", len(examples), schema)
+    return examples
+
+
+def completions_from_generation(generated: torch.Tensor, prompt_width: int, eos_token_id: int) -> list[list[int]]:
+    """Per row, the new tokens up to and including the first EOS (later ones dropped).
+
+    Works on token positions, so a pad token equal to EOS is not a problem."""
+    completions = []
+    for row in generated[:, prompt_width:].tolist():
+        if eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        completions.append(row)
+    return completions
+
+
+def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, max_length: int):
+    """Right-padded prompt + completion sequences and the loss labels.
+
+    ``labels[b, p]`` is the token at p + 1 when that token is part of the completion (so
+    the logits at p are scored on it), else -100: every completion token counts (the
+    first one included, EOS included), prompt and padding never do. Each row keeps its own
+    prompt length: no slicing at the batch's longest prompt.
+    """
+    rows = [(p + c)[:max_length] for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for b, (row, prompt) in enumerate(zip(rows, prompts)):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        attention_mask[b, : len(row)] = 1
+        if len(row) > len(prompt):
+            labels[b, len(prompt) - 1: len(row) - 1] = torch.tensor(row[len(prompt):])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def left_padded_prompts(prompts: list[list[int]], pad_token_id: int):
+    """Prompts batched for generation (left padding, so every row continues at the end)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        input_ids[b, width - len(p):] = torch.tensor(p)
+        attention_mask[b, width - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

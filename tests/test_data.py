@@ -1,0 +1,87 @@
+"""data.py: schemas, filtering, and the completion masks that TRL users were bitten by."""
+
+import pytest
+import torch
+
+from data import build_batch, completions_from_generation, detect_schema, left_padded_prompts, prepare_examples
+
+EOS = 2
+PAD = EOS  # the embedded model pads with its EOS token
+
+
+def counted(labels):
+    """(row, position, token) of every scored position."""
+    return [(b, p, int(labels[b, p])) for b, p in (labels != -100).nonzero().tolist()]
+
+
+def test_first_generated_token_counts_and_prompt_tokens_never_do():
+    batch = build_batch([[10, 11, 12]], [[20, 21, EOS]], PAD, max_length=16)
+    # logits at the last prompt position (2) are scored on the first generated token.
+    assert counted(batch["labels"]) == [(0, 2, 20), (0, 3, 21), (0, 4, EOS)]
+
+
+def test_eos_counts_even_when_pad_equals_eos_and_later_tokens_do_not():
+    prompt_width = 3
+    generated = torch.tensor([[PAD, 10, 11, 20, EOS, PAD, PAD],  # left-padded prompt, EOS then padding
+                              [12, 13, 14, 30, 31, EOS, 32]])  # a token after EOS
+    completions = completions_from_generation(generated, prompt_width, EOS)
+    assert completions == [[20, EOS], [30, 31, EOS]]
+    batch = build_batch([[10, 11], [12, 13, 14]], completions, PAD, max_length=16)
+    assert counted(batch["labels"]) == [(0, 1, 20), (0, 2, EOS), (1, 2, 30), (1, 3, 31), (1, 4, EOS)]
+
+
+def test_prompts_of_different_lengths_each_keep_every_completion_token():
+    prompts = [[5], [5, 6, 7, 8, 9], [5, 6]]
+    completions = [[40, 41, 42, EOS], [50, EOS], [60, 61]]  # the last hit max_new_tokens: no EOS
+    batch = build_batch(prompts, completions, PAD, max_length=32)
+    for b, (prompt, completion) in enumerate(zip(prompts, completions)):
+        row = batch["labels"][b]
+        assert row[row != -100].tolist() == completion
+        assert batch["input_ids"][b, : len(prompt) + len(completion)].tolist() == prompt + completion
+        assert batch["attention_mask"][b].sum() == len(prompt) + len(completion)
+
+
+def test_left_padding_for_generation_keeps_prompts_at_the_end():
+    batch = left_padded_prompts([[1, 2, 3], [4]], PAD)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [PAD, PAD, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_max_length_truncates_the_completion_not_the_prompt():
+    batch = build_batch([[1, 2, 3]], [[7, 8, 9, EOS]], PAD, max_length=5)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 8]]
+    assert counted(batch["labels"]) == [(0, 2, 7), (0, 3, 8)]
+
+
+def test_schemas_are_detected_and_unknown_columns_named():
+    assert detect_schema({"messages": []}) == "messages"
+    assert detect_schema({"prompt": "a", "completion": "b"}) == "prompt/completion"
+    assert detect_schema({"text": "a"}) == "text"
+    with pytest.raises(ValueError, match=r"none of the known columns.*\['answer', 'question'\]"):
+        detect_schema({"question": "q", "answer": "a"})
+
+
+def test_chat_prompt_is_the_conversation_up_to_the_last_assistant_turn(embedded_tokenizer):
+    tok = embedded_tokenizer
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+    [example] = prepare_examples([{"messages": messages}], tok, max_length=256)
+    expected_prompt = tok.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(example.prompt_ids) == expected_prompt
+    assert example.completion_ids == tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_empty_and_overlong_prompts_are_filtered_and_counted(embedded_tokenizer, caplog):
+    records = [{"prompt": "", "completion": "x"}, {"prompt": "word " * 300, "completion": "x"},
+               {"prompt": "Question?", "completion": " Answer."}]
+    examples = prepare_examples(records, embedded_tokenizer, max_length=64)
+    assert len(examples) == 1
+    assert "kept 1 of 3 samples (1 empty prompt, 1 prompt too long)" in caplog.text
+    with pytest.raises(ValueError, match="no usable sample left"):
+        prepare_examples(records[:2], embedded_tokenizer, max_length=64)
+
+
+def test_text_schema_splits_into_prompt_and_completion(embedded_tokenizer):
+    [example] = prepare_examples([{"text": "one two three four five six seven eight"}], embedded_tokenizer, 64)
+    assert example.prompt_ids and example.completion_ids
+    assert embedded_tokenizer.decode(example.prompt_ids + example.completion_ids).startswith("one two")

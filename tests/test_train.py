@@ -1,0 +1,228 @@
+"""train.py: command line, bad input, the loop, checkpoints, resume, signals, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+
+
+def tiny_args(tiny_checkpoint, chat_dataset, output_dir, *extra):
+    return ["--model", str(tiny_checkpoint), "--dataset", str(chat_dataset), "--output_dir", str(output_dir),
+            "--max-new-tokens", "6", "--batch-size", "2", "--max-length", "96", "--learning-rate", "1e-3",
+            "--quant-type", "int4", "--group-size", "32", *extra]
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('lmbda = 0.25\nquant-type = "int4"\nmax_steps = 7\n')
+    c = train.parse_config(["--config", str(config), "--max_steps", "9", "--per-device-train-batch-size", "3",
+                            "--lr", "2e-5", "--seq-kd"])
+    assert (c.lmbda, c.quant_type, c.max_steps, c.per_device_train_batch_size) == (0.25, "int4", 9, 3)
+    assert c.learning_rate == 2e-5 and c.seq_kd is True
+    assert train.parse_config(["--output-dir", "x", "--batch_size", "5"]).per_device_train_batch_size == 5
+    assert train.default_output_dir(c) == "dump/int4_lmbda0.25_beta0.5_lr2e-05"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lmbda", "1.5"], "--lmbda must be in [0, 1]"),
+    (["--beta", "-0.1"], "--beta must be in [0, 1]"),
+    (["--model", "./no/such/model"], "model path './no/such/model' does not exist"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    output_dir = tmp_path / "run"
+    assert train.main([*argv, "--output_dir", str(output_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not output_dir.exists()
+
+
+def test_unknown_quant_type_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--quant-type", "fp3"])
+    assert e.value.code == 2 and "mxfp4, int4, int4_sym, none" in capsys.readouterr().err.replace("'", "")
+
+
+def test_dataset_without_known_columns_or_empty_after_filtering_is_refused(tmp_path, tiny_checkpoint, capsys):
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    assert train.main(tiny_args(tiny_checkpoint, bad, tmp_path / "a")) == 2
+    assert "none of the known columns" in capsys.readouterr().err
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 200, "completion": "x"}) + "\n")
+    assert train.main(tiny_args(tiny_checkpoint, long, tmp_path / "b")) == 2
+    assert "no usable sample left" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    from conftest import tiny_model
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    other = tmp_path / "other"
+    tiny_model("llama", vocab_size=8).save_pretrained(other)
+    vocab = {f"t{i}": i for i in range(8)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                            eos_token="t1").save_pretrained(other)
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / "run", "--student-model", str(other))) == 2
+    assert "different tokenizers" in capsys.readouterr().err
+
+
+def test_off_policy_run_writes_metrics_and_a_rebuildable_checkpoint(tmp_path, tiny_checkpoint, chat_dataset):
+    from transformers import AutoModelForCausalLM
+
+    from quant import FakeQuantLinear, quantize_model_from_settings
+
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "3", "--lmbda", "0")) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and not any(r["on_policy"] for r in rows)
+    assert all(r["completion_tokens"] > 0 and r["loss"] >= 0 for r in rows)
+    checkpoint = out / "checkpoint-3"
+    assert json.loads((checkpoint / "run_config.json").read_text())["lmbda"] == 0
+    student = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert student.config.fake_quant["quant_type"] == "int4"
+    assert quantize_model_from_settings(student, student.config.fake_quant) == 14
+    assert isinstance(student.model.layers[0].mlp.up_proj, FakeQuantLinear)
+    teacher = weights(tiny_checkpoint)
+    trained = weights(checkpoint)
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_on_policy_run_trains_on_student_generations(tmp_path, tiny_checkpoint, chat_dataset):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "1")) == 0
+    rows = metrics(out)
+    assert all(r["on_policy"] for r in rows) and rows[-1]["on_policy_fraction"] == 1.0
+    assert all(r["generation_s"] > 0 and r["completion_tokens"] <= 2 * 6 for r in rows)
+
+
+def test_fused_and_materialised_losses_agree(tmp_path, tiny_checkpoint, chat_dataset):
+    for name, flag in (("fused", "--fused-loss"), ("plain", "--no-fused-loss")):
+        assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / name, "--max-steps", "2", flag)) == 0
+    fused, plain = metrics(tmp_path / "fused"), metrics(tmp_path / "plain")
+    for a, b in zip(fused, plain):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_existing_output_dir_is_refused_unless_resume_or_overwrite(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1")) == 0
+    before = weights(out / "checkpoint-1")
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--beta", "0.9",
+                                "--resume")) == 2
+    assert "different configuration (beta)" in capsys.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--overwrite")) == 0
+
+
+def test_resume_after_a_stop_gives_the_same_final_weights(tmp_path, tiny_checkpoint, chat_dataset):
+    common = ("--max-steps", "4", "--lmbda", "0.5", "--seed", "3")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, straight, *common)) == 0
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--stop-after", "2")) == 0
+    assert (split / "checkpoint-2").exists() and not (split / "checkpoint-4").exists()
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--resume")) == 0
+    assert {r["on_policy"] for r in metrics(straight)} == {True, False}  # both kinds of step were exercised
+    a, b = weights(straight / "checkpoint-4"), weights(split / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(split)]
+
+
+def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
+                                                            capsys):
+    import losses
+
+    real = losses.fused_linear_jsd_loss
+
+    def interrupting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "fused_linear_jsd_loss", interrupting)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5")) == 130
+    assert "interrupted at step 1" in capsys.readouterr().err and "--resume" in capsys.readouterr().err + "--resume"
+    assert (out / "checkpoint-1" / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_non_finite_losses_skip_steps_then_abort(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch, capsys):
+    import losses
+
+    monkeypatch.setattr(losses, "fused_linear_jsd_loss", lambda student_hidden, *a, **k:
+                        student_hidden.sum() * float("nan"))
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5")) == 2
+    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                     monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--save-steps", "1",
+                                "--stop-after", "1")) == 0
+    before = weights(out / "checkpoint-1")
+    from transformers import PreTrainedTokenizerBase
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--save-steps", "1",
+                             "--resume"))
+    assert not (out / "checkpoint-2").exists()
+    assert train.latest_checkpoint(out) == out / "checkpoint-1"
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
+
+
+def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, tiny_checkpoint, chat_dataset):
+    common = tiny_args(tiny_checkpoint, chat_dataset, "OUT", "--max-steps", "3", "--lmbda", "0.5", "--seed", "5")
+    # On a machine without GPUs, accelerate's multi-process launcher runs gloo CPU processes.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+
+    def run(output_dir, launcher, *extra):
+        args = [a if a != "OUT" else str(output_dir) for a in common]
+        subprocess.run([*launcher, str(ROOT / "train.py"), *args, *extra], check=True, env=env, cwd=ROOT,
+                       capture_output=True)
+        return [r["loss"] for r in metrics(output_dir)]
+
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]
+    one = run(tmp_path / "one", [*accelerate, "--num_processes", "1"], "--gradient-accumulation-steps", "2")
+    two = run(tmp_path / "two", [*accelerate, "--num_processes", "2", "--multi_gpu"],
+              "--gradient-accumulation-steps", "1")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-5)
