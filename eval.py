@@ -1,0 +1,497 @@
+"""Evaluate the teacher, the round-to-nearest baseline and trained students; print the table.
+
+    uv run python eval.py dump/int4_lmbda1_beta0.5_lr5e-06 --limit 200 --data-dir ../shared/data/benchmarks
+    uv run python eval.py RUN_A RUN_B --compare RUN_A RUN_B
+
+Rows: ``teacher`` (full precision), ``ptq`` (the teacher's weights rounded to nearest with
+the students' quantization settings: the baseline distillation must beat), then each
+checkpoint, always evaluated with its quantized weights as rebuilt from the settings saved
+in it. Tasks run through lm-evaluation-harness (zero-shot ``acc``, and ``acc_norm`` where
+the task has it) on an in-memory model; perplexity is lm-eval's ``wikitext`` task (word
+perplexity; each document is scored in disjoint windows of ``--max-length`` tokens, every
+window after the first conditioned on the one token before it, i.e. stride = max-length).
+
+``--data-dir DIR`` reads every task from local copies in the Hugging Face schemas
+(``DIR/<task>/<split>.jsonl``) through task configs that ``include`` lm-eval's own and
+override only the data source. ``--embedded`` adds the no-benchmark signal on the
+embedded held-out set: token-level KL(teacher || student) on teacher-forced reference
+text, and the teacher's NLL of the student's greedy completions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("eval")
+
+TASKS = ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "mmlu")
+PERPLEXITY_TASK = "wikitext"
+# Local layout: DIR/<task dir>/<split>.jsonl for each split lm-eval may read.
+LOCAL_DATA = {
+    "hellaswag": ("hellaswag", ("validation",)),
+    "arc_easy": ("arc_easy", ("train", "validation", "test")),
+    "arc_challenge": ("arc_challenge", ("train", "validation", "test")),
+    "winogrande": ("winogrande", ("validation",)),
+    "mmlu": ("mmlu", ("dev", "validation", "test")),
+    "wikitext": ("wikitext", ("test",)),
+}
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+LOCAL_PREFIX = "local_"
+
+
+class EvalError(Exception):
+    """Bad input: one line, non-zero exit."""
+
+
+def cache_root() -> Path:
+    from models import cache_dir
+
+    return cache_dir() / "eval"
+
+
+# ---------------------------------------------------------------- task configs over local data
+
+def _lm_eval_task_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _require(path: Path, task: str) -> Path:
+    if not path.exists():
+        raise EvalError(f"--data-dir is missing {path} for task {task}; copy it there in the Hugging Face schema "
+                        f"or drop the task with --tasks")
+    return path
+
+
+def _yaml(config: dict) -> str:
+    return json.dumps(config, indent=1)  # JSON is valid YAML and needs no escaping rules of its own
+
+
+def _local_split_config(data_files: dict[str, str], splits: tuple[str, ...]) -> dict:
+    """The data-source override: lm-eval's `json` builder on local files; splits that the
+    local copy lacks are switched off rather than fetched."""
+    config = {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": data_files}}
+    for split, key in SPLIT_KEYS.items():
+        if split not in splits:
+            config[key] = None
+    return config
+
+
+def write_local_tasks(data_dir: Path, tasks: list[str]) -> tuple[Path, dict[str, str]]:
+    """YAMLs that include lm-eval's task configs and override only the data source.
+
+    Returns (include path for lm-eval's TaskManager, {our task name: lm-eval task name}).
+    MMLU's single local file is split per subject (what `cais/mmlu` serves per config).
+    """
+    data_dir = Path(data_dir).resolve()
+    key = hashlib.sha256(f"{data_dir}|{sorted(tasks)}".encode()).hexdigest()[:16]
+    out = cache_root() / "tasks" / key
+    out.mkdir(parents=True, exist_ok=True)
+    upstream = _lm_eval_task_dir()
+    names = {}
+    for task in tasks:
+        folder, splits = LOCAL_DATA[task]
+        files = {s: str(_require(data_dir / folder / f"{s}.jsonl", task)) for s in splits}
+        if task == "mmlu":
+            names[task] = _write_local_mmlu(out, upstream, files)
+            continue
+        source = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
+                  "arc_challenge": "arc/arc_challenge.yaml", "winogrande": "winogrande/default.yaml",
+                  "wikitext": "wikitext/wikitext.yaml"}[task]
+        config = {"include": str(upstream / source), "task": LOCAL_PREFIX + task, "tag": [],
+                  **_local_split_config({s: files[s] for s in splits}, splits)}
+        if task == "arc_challenge":  # upstream includes arc_easy.yaml and changes only the config name
+            config["dataset_name"] = None
+        (out / f"{LOCAL_PREFIX}{task}.yaml").write_text(_yaml(config))
+        names[task] = LOCAL_PREFIX + task
+    return out, names
+
+
+def _write_local_mmlu(out: Path, upstream: Path, files: dict[str, str]) -> str:
+    by_subject: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for split, path in files.items():
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    by_subject[json.loads(line)["subject"]][split].append(line if line.endswith("\n") else line + "\n")
+    subtasks = []
+    for subject in sorted(by_subject):
+        upstream_yaml = upstream / "mmlu" / "default" / f"mmlu_{subject}.yaml"
+        if not upstream_yaml.exists():
+            raise EvalError(f"mmlu subject {subject!r} in the local data is not an lm-eval mmlu task")
+        subject_files = {}
+        for split, lines in by_subject[subject].items():
+            path = out / "mmlu" / subject / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(lines))
+            subject_files[split] = str(path)
+        config = {"include": str(upstream_yaml), "task": f"{LOCAL_PREFIX}mmlu_{subject}", "tag": [],
+                  **_local_split_config(subject_files, tuple(subject_files))}
+        config["dataset_kwargs"]["data_files"] = subject_files
+        (out / f"{LOCAL_PREFIX}mmlu_{subject}.yaml").write_text(_yaml(config))
+        subtasks.append(f"{LOCAL_PREFIX}mmlu_{subject}")
+    # Upstream's group nests stem/other/...; one level weighted by size gives the same mean.
+    group = {"group": f"{LOCAL_PREFIX}mmlu", "task": subtasks,
+             "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
+    (out / f"{LOCAL_PREFIX}mmlu_group.yaml").write_text(_yaml(group))
+    return f"{LOCAL_PREFIX}mmlu"
+
+
+# ---------------------------------------------------------------- running lm-eval
+
+def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot, batch_size, max_length) -> dict:
+    """{task: {"acc": ..., "acc_stderr": ..., ["acc_norm", "acc_norm_stderr"], "items": [0/1 per doc]}} and,
+    for wikitext, {"word_perplexity": ...}."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if data_dir:
+        include, names = write_local_tasks(Path(data_dir), tasks)
+        manager = TaskManager(include_path=str(include))
+    else:
+        names, manager = {t: t for t in tasks}, TaskManager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    try:
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=num_fewshot,
+                                         limit=limit, log_samples=True, task_manager=manager, bootstrap_iters=1000)
+    except (ConnectionError, OSError) as e:
+        if data_dir:
+            raise
+        raise EvalError(f"could not fetch a benchmark from the Hugging Face hub ({type(e).__name__}); pass "
+                        f"--data-dir with local copies (layout: DIR/<task>/<split>.jsonl)") from e
+    results = {}
+    for task, name in names.items():
+        metrics = output["results"][name]
+        row = {}
+        for metric in ("acc", "acc_norm", "word_perplexity"):
+            if f"{metric},none" in metrics:
+                row[metric] = metrics[f"{metric},none"]
+                stderr = metrics.get(f"{metric}_stderr,none")
+                row[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
+        sample_keys = sorted(k for k in output["samples"] if k == name or k.startswith(name + "_"))
+        items = []
+        for key in sample_keys:
+            items += [s["acc"] for s in sorted(output["samples"][key], key=lambda s: s["doc_id"]) if "acc" in s]
+        if items:
+            row["items"] = items
+        results[task] = row
+    return results
+
+
+# ---------------------------------------------------------------- models to evaluate
+
+def load_student(checkpoint: Path):
+    """A saved student rebuilt with its recorded quantization (what deploys)."""
+    from models import load_model
+    from quant import CONFIG_KEY, quantize_model_from_settings
+
+    if not (checkpoint / "config.json").exists():
+        raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
+                        f"or a run directory that holds one")
+    settings = json.loads((checkpoint / "config.json").read_text()).get(CONFIG_KEY)
+    if not settings:
+        raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
+                        f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
+    model, tokenizer = load_model(checkpoint)
+    quantize_model_from_settings(model, settings)
+    return model.eval(), tokenizer, settings
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or the latest checkpoint-N of a run directory."""
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"checkpoint {path} does not exist")
+    if (p / "config.json").exists():
+        return p
+    from train import latest_checkpoint
+
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise EvalError(f"{path} holds no checkpoint (config.json or checkpoint-N/)")
+    return latest
+
+
+def ptq_baseline(teacher, settings: dict):
+    """Round-to-nearest: the teacher's weights under the same quantization, no training."""
+    import copy
+
+    from quant import quantize_model
+
+    model = copy.deepcopy(teacher).float()
+    quantize_model(model, settings["quant_type"], settings.get("group_size"), tuple(settings.get("skip", ("lm_head",))),
+                   settings.get("scale_rule", "floor"))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- embedded evaluation
+
+@torch.no_grad()
+def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: int | None = None) -> dict:
+    """KL(teacher || student) per completion token on teacher-forced held-out responses, and
+    the teacher's NLL per token of the student's greedy completions."""
+    from data import build_batch, completions_from_generation, left_padded_prompts, load_records, prepare_examples
+    from losses import IGNORE_INDEX, jsd_per_token
+
+    examples = prepare_examples(load_records(None, "heldout"), tokenizer, max_length=512)[:limit]
+    kl_sum = nll_sum = tokens_kl = tokens_nll = 0.0
+    for start in range(0, len(examples), 8):
+        chunk = examples[start:start + 8]
+        prompts = [e.prompt_ids for e in chunk]
+        forced = build_batch(prompts, [e.completion_ids for e in chunk], tokenizer.pad_token_id, 512)
+        mask = forced["labels"] != IGNORE_INDEX
+        inputs = {k: forced[k] for k in ("input_ids", "attention_mask")}
+        kl = jsd_per_token(student(**inputs).logits, teacher(**inputs).logits, beta=0.0)
+        kl_sum += kl[mask].sum().item()
+        tokens_kl += mask.sum().item()
+        batch = left_padded_prompts(prompts, tokenizer.pad_token_id)
+        generated = student.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)
+        completions = completions_from_generation(generated, batch["input_ids"].shape[1], tokenizer.eos_token_id)
+        scored = build_batch(prompts, completions, tokenizer.pad_token_id, 512 + max_new_tokens)
+        logits = teacher(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits
+        labels = scored["labels"]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                                reduction="sum")
+        nll_sum += nll.item()
+        tokens_nll += (labels != IGNORE_INDEX).sum().item()
+    return {"heldout_kl": kl_sum / max(tokens_kl, 1), "teacher_nll_of_student": nll_sum / max(tokens_nll, 1)}
+
+
+# ---------------------------------------------------------------- statistics and the table
+
+def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
+    """B - A on the same items: mean difference in points, a paired bootstrap 95% CI, and
+    McNemar's exact two-sided p-value on the discordant pairs."""
+    if len(a) != len(b) or not a:
+        raise EvalError(f"cannot pair {len(a)} items with {len(b)}: evaluate both with the same tasks and --limit")
+    diffs = [y - x for x, y in zip(a, b)]
+    n = len(diffs)
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    b_only, a_only = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    discordant = a_only + b_only
+    tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1)) / 2**discordant if discordant else 1.0
+    return {"diff": 100 * sum(diffs) / n, "ci_low": 100 * means[int(0.025 * resamples)],
+            "ci_high": 100 * means[int(0.975 * resamples) - 1], "p_value": min(1.0, 2 * tail), "n": n,
+            "a_only": a_only, "b_only": b_only}
+
+
+def verdict(name_a: str, name_b: str, stats: dict, alpha: float = 0.05) -> str:
+    half = (stats["ci_high"] - stats["ci_low"]) / 2
+    if stats["p_value"] >= alpha:
+        return (f"no significant difference ({name_b} - {name_a} = {stats['diff']:+.2f} +- {half:.2f} points, "
+                f"p = {stats['p_value']:.2g}, n = {stats['n']})")
+    better, worse = (name_b, name_a) if stats["diff"] > 0 else (name_a, name_b)
+    return f"{better} better than {worse} by {abs(stats['diff']):.2f} +- {half:.2f} points, p = {stats['p_value']:.2g}"
+
+
+def average(row: dict, tasks: list[str]) -> float | None:
+    values = [row[t]["acc"] for t in tasks if t in row and "acc" in row[t]]
+    return sum(values) / len(values) if len(values) == len(tasks) and values else None
+
+
+def render_table(rows: dict[str, dict], tasks: list[str]) -> str:
+    def cell(result, metric="acc"):
+        if not result or metric not in result:
+            return "–"
+        stderr = result.get(f"{metric}_stderr")
+        return f"{result[metric]:.3f} ± {stderr:.3f}" if stderr is not None else f"{result[metric]:.3f}"
+
+    teacher_avg, ptq_avg = average(rows.get("teacher", {}), tasks), average(rows.get("ptq", {}), tasks)
+    header = ["model", *tasks, "avg", "ppl", "gap closed"]
+    extra = sorted({k for row in rows.values() for k in row.get("embedded", {})})
+    header += extra
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in rows.items():
+        avg = average(row, tasks)
+        gap = "–"
+        if avg is not None and teacher_avg is not None and ptq_avg is not None and teacher_avg != ptq_avg:
+            gap = f"{(avg - ptq_avg) / (teacher_avg - ptq_avg):.0%}"
+        ppl = row.get(PERPLEXITY_TASK, {}).get("word_perplexity")
+        cells = [name, *(cell(row.get(t)) for t in tasks), "–" if avg is None else f"{avg:.3f}",
+                 "–" if ppl is None else f"{ppl:.2f}", gap]
+        cells += [f"{row['embedded'][k]:.4f}" if k in row.get("embedded", {}) else "–" for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    norm = [t for t in tasks if any("acc_norm" in row.get(t, {}) for row in rows.values())]
+    if norm:
+        lines += ["", "acc_norm: " + "; ".join(
+            f"{name}: " + ", ".join(f"{t} {cell(row.get(t), 'acc_norm')}" for t in norm) for name, row in rows.items())]
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, row) in enumerate(rows.items()):
+        values = [row.get(t, {}).get("acc", 0.0) for t in tasks]
+        errors = [row.get(t, {}).get("acc_stderr") or 0.0 for t in tasks]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, yerr=errors, capsize=3, label=name)
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set_ylabel("acc")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="*", help="checkpoint-N directories or run directories (latest checkpoint)")
+    p.add_argument("--model", help="teacher weights (default: the checkpoint's run_config model, else embedded)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="items per task (documents for perplexity)")
+    p.add_argument("--batch-size", "--batch_size", default="16", help="an integer, or 'auto' (lm-eval's probe)")
+    p.add_argument("--max-length", "--max_length", type=int, default=2048, help="context window for lm-eval")
+    p.add_argument("--data-dir", "--data_dir", help="local benchmark copies (DIR/<task>/<split>.jsonl)")
+    p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
+                   help="wikitext-2 word perplexity (default: on)")
+    p.add_argument("--embedded", action=argparse.BooleanOptionalAction, default=False,
+                   help="KL and teacher NLL on the embedded held-out set")
+    p.add_argument("--output-dir", "--output_dir", help="where results.md/json and the chart go "
+                                                         "(default: <first checkpoint's run>/eval, or eval_results)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired test of row B against row A")
+    p.add_argument("--no-cache", "--no_cache", action="store_true", help="re-evaluate teacher and ptq rows")
+    return p
+
+
+def evaluate_row(model, tokenizer, args, tasks, use_cache_key=None) -> dict:
+    from quant import frozen_quant
+
+    if use_cache_key and not args.no_cache:
+        cached = cache_root() / "rows" / f"{use_cache_key}.json"
+        if cached.exists():
+            log.info("using cached row %s", cached)
+            return json.loads(cached.read_text())
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    lm_tasks = tasks + ([PERPLEXITY_TASK] if args.perplexity else [])
+    with torch.no_grad(), frozen_quant(model):
+        row = run_lm_eval(model, tokenizer, lm_tasks, args.data_dir, args.limit, args.num_fewshot, batch_size,
+                          args.max_length) if lm_tasks else {}
+    if use_cache_key:
+        path = cache_root() / "rows" / f"{use_cache_key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row))
+    return row
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from models import load_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise EvalError(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
+    if args.data_dir:
+        if not Path(args.data_dir).is_dir():
+            raise EvalError(f"--data-dir {args.data_dir} is not a directory")
+        for task in tasks + ([PERPLEXITY_TASK] if args.perplexity else []):
+            folder, splits = LOCAL_DATA[task]
+            for split in splits:
+                _require(Path(args.data_dir) / folder / f"{split}.jsonl", task)
+    checkpoints = [resolve_checkpoint(c) for c in args.checkpoints]
+    students = [(c, *load_student(c)) for c in checkpoints]  # fail fast on a bad checkpoint
+    teacher_source = args.model
+    if teacher_source is None and checkpoints:
+        run_config = checkpoints[0] / "run_config.json"
+        teacher_source = json.loads(run_config.read_text()).get("model") if run_config.exists() else None
+    teacher, tokenizer = load_model(teacher_source)
+    teacher.eval()
+    output_dir = Path(args.output_dir) if args.output_dir else (
+        checkpoints[0].parent / "eval" if checkpoints else Path("eval_results"))
+
+    source = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
+    common_key = json.dumps([teacher_source or "embedded", tasks, args.limit, args.num_fewshot, source,
+                             args.perplexity, args.max_length], sort_keys=True)
+    rows: dict[str, dict] = {}
+    rows["teacher"] = evaluate_row(teacher, tokenizer, args, tasks,
+                                   hashlib.sha256(("teacher" + common_key).encode()).hexdigest()[:20])
+    settings_seen = []
+    for _, _, _, settings in students:
+        key = {k: settings.get(k) for k in ("quant_type", "group_size", "scale_rule", "skip")}
+        if key not in settings_seen:
+            settings_seen.append(key)
+    for key in settings_seen:
+        name = "ptq" if len(settings_seen) == 1 else f"ptq {key['quant_type']} g{key['group_size']}"
+        cache_key = hashlib.sha256((json.dumps(key, sort_keys=True) + common_key).encode()).hexdigest()[:20]
+        rows[name] = evaluate_row(ptq_baseline(teacher, key), tokenizer, args, tasks, cache_key)
+    for checkpoint, model, _, _ in students:
+        name = checkpoint.parent.name + "/" + checkpoint.name if checkpoint.name.startswith("checkpoint-") \
+            else checkpoint.name
+        rows[name] = evaluate_row(model, tokenizer, args, tasks)
+        if args.embedded:
+            rows[name]["embedded"] = embedded_eval(teacher, model, tokenizer, limit=args.limit)
+    if args.embedded and "ptq" in rows:
+        rows["ptq"]["embedded"] = embedded_eval(teacher, ptq_baseline(teacher, settings_seen[0]), tokenizer,
+                                                limit=args.limit)
+
+    table = render_table(rows, tasks)
+    comparison_lines = []
+    if args.compare:
+        comparison_lines = compare_rows(rows, tasks, *args.compare)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = table + ("\n\n" + "\n".join(comparison_lines) if comparison_lines else "") + "\n"
+    (output_dir / "results.md").write_text(report)
+    (output_dir / "results.json").write_text(json.dumps({"tasks": tasks, "limit": args.limit, "data": source,
+                                                         "rows": rows}, indent=1))
+    if tasks:
+        plot(rows, tasks, output_dir / "results.png")
+    print(report)
+    print(f"written to {output_dir}/results.md, results.json, results.png")
+    return 0
+
+
+def _row_name(rows: dict, name: str) -> str:
+    if name in rows:
+        return name
+    matches = [r for r in rows if r.startswith(Path(name).name) or Path(name).name in r]
+    if len(matches) != 1:
+        raise EvalError(f"--compare: no single row named {name!r}; rows are {', '.join(rows)}")
+    return matches[0]
+
+
+def compare_rows(rows: dict, tasks: list[str], a: str, b: str) -> list[str]:
+    a, b = _row_name(rows, a), _row_name(rows, b)
+    lines = [f"paired comparison, {b} vs {a} (bootstrap 95% CI, McNemar exact p):"]
+    for task in tasks:
+        items_a, items_b = rows[a].get(task, {}).get("items"), rows[b].get(task, {}).get("items")
+        if not items_a or not items_b:
+            lines.append(f"- {task}: no per-item results to pair")
+            continue
+        lines.append(f"- {task}: {verdict(a, b, paired_comparison(items_a, items_b))}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
