@@ -17,10 +17,10 @@ Near agreement the interior value shrinks like beta * (1 - beta) * KL (e.g. TRL 
 (``--jsd-normalize``) divides the interior by beta * (1 - beta); it is off by default so
 numbers reproduce TRL's.
 
-Memory: both functions work over chunks of ``chunk_size`` tokens and compute each chunk's
-gradient in the forward pass (a custom autograd function), so the extra memory beyond the
-inputs and their gradients is a few [chunk_size, vocab] float32 tensors, never
-[tokens, vocab]. ``fused_linear_jsd_loss`` goes further and takes hidden states and head
+Memory: both functions work over chunks of ``chunk_size`` tokens (default: about 32 MiB
+of float32 per [chunk, vocab] tensor) and compute each chunk's gradient in the forward
+pass (a custom autograd function), so the extra memory beyond the inputs and their
+gradients is a few [chunk_size, vocab] tensors, never [tokens, vocab]. ``fused_linear_jsd_loss`` goes further and takes hidden states and head
 weights: the full logits never exist. Neither supports double backward.
 """
 
@@ -31,7 +31,17 @@ import math
 import torch
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 1024
+# Default chunk: as many tokens as keep one [chunk, vocab] float32 tensor near 32 MiB
+# (55 tokens at Qwen3's 151,936-token vocabulary, 170 at SmolLM2's 49,152).
+CHUNK_ELEMENTS = 2**23
+
+
+def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
+    return chunk_size
 
 
 def _check_hyperparameters(beta: float, temperature: float) -> None:
@@ -90,44 +100,42 @@ def _token_weights(labels, shape, num_items_in_batch, like: torch.Tensor):
     return mask / denominator
 
 
-def _jsd_chunk(student_logits, teacher_logits, weights, beta, temperature, normalize, need_teacher_grad):
-    """(weighted loss of one chunk, d loss / d student logits, d loss / d teacher logits or None)."""
-    with torch.enable_grad():
-        s = student_logits.detach().requires_grad_()
-        t = teacher_logits.detach().requires_grad_(need_teacher_grad)
-        loss = (jsd_per_token(s, t, beta, temperature, normalize) * weights).sum()
-        grads = torch.autograd.grad(loss, [s, t] if need_teacher_grad else [s])
-    return loss.detach(), grads[0], grads[1] if need_teacher_grad else None
+def _jsd_chunk(student_logits, teacher_logits, weights, beta, temperature, normalize, need_grads):
+    """(weighted loss of one chunk, [d loss / d logits for each of student, teacher whose
+    `need_grads` flag is set, else None])."""
+    inputs = [x.detach().requires_grad_(need) for x, need in zip((student_logits, teacher_logits), need_grads)]
+    with torch.set_grad_enabled(any(need_grads)):
+        loss = (jsd_per_token(*inputs, beta, temperature, normalize) * weights).sum()
+    wanted = [x for x, need in zip(inputs, need_grads) if need]
+    grads = iter(torch.autograd.grad(loss, wanted) if wanted else ())
+    return loss.detach(), [next(grads) if need else None for need in need_grads]
 
 
 class _ChunkedJSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, weights, beta, temperature, normalize, chunk_size):
         vocab = student_logits.shape[-1]
-        student_flat, teacher_flat = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-        need_teacher_grad = ctx.needs_input_grad[1]
-        student_grad = torch.zeros_like(student_flat)
-        teacher_grad = torch.zeros_like(teacher_flat) if need_teacher_grad else None
+        flat = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        need_grads = ctx.needs_input_grad[:2]
+        grads = [torch.zeros_like(x) if need else None for x, need in zip(flat, need_grads)]
         total = torch.zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32),
                             device=student_logits.device)
         for rows in _counted_chunks(weights, chunk_size):
-            loss, grad_s, grad_t = _jsd_chunk(student_flat[rows], teacher_flat[rows], weights[rows], beta,
-                                              temperature, normalize, need_teacher_grad)
+            loss, chunk_grads = _jsd_chunk(flat[0][rows], flat[1][rows], weights[rows], beta, temperature,
+                                           normalize, need_grads)
             total += loss
-            student_grad[rows] = grad_s.to(student_grad.dtype)
-            if need_teacher_grad:
-                teacher_grad[rows] = grad_t.to(teacher_grad.dtype)
-        ctx.save_for_backward(student_grad, teacher_grad)
+            for grad, chunk_grad in zip(grads, chunk_grads):
+                if grad is not None:
+                    grad[rows] = chunk_grad.to(grad.dtype)
+        ctx.save_for_backward(*grads)
         ctx.shapes = student_logits.shape, teacher_logits.shape
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        student_grad, teacher_grad = ctx.saved_tensors
-        student_shape, teacher_shape = ctx.shapes
-        student_grad = (student_grad * grad_output).reshape(student_shape)
-        teacher_grad = None if teacher_grad is None else (teacher_grad * grad_output).reshape(teacher_shape)
-        return student_grad, teacher_grad, None, None, None, None, None
+        grads = [None if g is None else (g * grad_output).reshape(shape)
+                 for g, shape in zip(ctx.saved_tensors, ctx.shapes)]
+        return *grads, None, None, None, None, None
 
 
 def _counted_chunks(weights: torch.Tensor, chunk_size: int):
@@ -139,17 +147,16 @@ def _counted_chunks(weights: torch.Tensor, chunk_size: int):
 def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None,
                          beta: float = 0.5, temperature: float = 1.0, num_items_in_batch=None,
                          normalize: bool = False, vocab_size: int | None = None,
-                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                         chunk_size: int | None = None) -> torch.Tensor:
     """Generalized JSD over [..., vocab] logits, masked by ``labels == -100``; a scalar.
 
-    ``vocab_size`` truncates both logits (a padded vocabulary); ``chunk_size`` bounds the
-    working memory (tokens per chunk) and changes no value. A batch with no counted
+    ``vocab_size`` truncates both logits (a padded vocabulary); ``chunk_size`` (tokens per
+    chunk, default automatic) bounds the working memory and changes no value. A batch with no counted
     position returns 0 with zero gradient.
     """
     _check_hyperparameters(beta, temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     student_logits, teacher_logits = _align(student_logits, teacher_logits, vocab_size)
+    chunk_size = resolve_chunk_size(chunk_size, student_logits.shape[-1])
     weights = _token_weights(labels, student_logits.shape[:-1], num_items_in_batch, student_logits)
     return _ChunkedJSD.apply(student_logits, teacher_logits, weights, beta, temperature, normalize, chunk_size)
 
@@ -169,9 +176,11 @@ class _FusedLinearJSD(torch.autograd.Function):
             h_s = student_hidden[rows]
             student_logits = h_s @ student_head.T
             teacher_logits = teacher_hidden[rows] @ teacher_head.T
-            loss, logits_grad, _ = _jsd_chunk(student_logits, teacher_logits, weights[rows], beta, temperature,
-                                              normalize, False)
+            loss, (logits_grad, _) = _jsd_chunk(student_logits, teacher_logits, weights[rows], beta, temperature,
+                                                normalize, (need_hidden_grad or need_weight_grad, False))
             total += loss
+            if logits_grad is None:
+                continue
             logits_grad = logits_grad.to(h_s.dtype)
             if need_hidden_grad:
                 hidden_grad[rows] = logits_grad @ student_head
@@ -191,7 +200,7 @@ def fused_linear_jsd_loss(student_hidden: torch.Tensor, student_lm_head_weight: 
                           teacher_hidden: torch.Tensor, teacher_lm_head_weight: torch.Tensor, labels=None,
                           beta: float = 0.5, temperature: float = 1.0, num_items_in_batch=None,
                           normalize: bool = False, vocab_size: int | None = None,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                          chunk_size: int | None = None) -> torch.Tensor:
     """``generalized_jsd_loss`` of ``hidden @ lm_head_weight.T`` without materialising the logits.
 
     Hidden states are [..., hidden] (the final-norm output the head sees); the heads are
@@ -199,8 +208,6 @@ def fused_linear_jsd_loss(student_hidden: torch.Tensor, student_lm_head_weight: 
     student's hidden states and head weight; the teacher is treated as constant.
     """
     _check_hyperparameters(beta, temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"student hidden {list(student_hidden.shape)} and teacher hidden "
                          f"{list(teacher_hidden.shape)} cover different positions")
@@ -210,6 +217,7 @@ def fused_linear_jsd_loss(student_hidden: torch.Tensor, student_lm_head_weight: 
                          f"{list(teacher_lm_head_weight.shape)} have different vocabularies; if one is "
                          f"padded, pass vocab_size=<the tokenizer's vocabulary size> to truncate both")
     vocab_size = min(student_vocab, teacher_vocab, vocab_size or student_vocab)
+    chunk_size = resolve_chunk_size(chunk_size, vocab_size)
     positions = student_hidden.shape[:-1]
     weights = _token_weights(labels, positions, num_items_in_batch, student_hidden)
     return _FusedLinearJSD.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_lm_head_weight,

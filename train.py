@@ -80,7 +80,7 @@ class TrainConfig:
     teacher_dtype: str = "float32"
     log_with: str = "none"  # none | tensorboard | wandb
     fused_loss: bool = True  # never materialise [tokens, vocab] logits when the model allows
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 0  # tokens per loss chunk; 0: about 32 MiB per [chunk, vocab] tensor
     config: str | None = None
 
 
@@ -142,7 +142,7 @@ def validate(c: TrainConfig) -> None:
         if not getattr(c, name) > 0:
             raise Abort(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
     for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                 "max_new_tokens", "min_completion_tokens", "loss_chunk_size"):
+                 "max_new_tokens", "min_completion_tokens"):
         if getattr(c, name) < 1:
             raise Abort(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.teacher_dtype not in ("float32", "bfloat16", "float16"):
@@ -375,7 +375,7 @@ def train(c: TrainConfig) -> int:
             loss = fused_linear_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels,
                                          beta=c.beta, temperature=c.loss_temperature, num_items_in_batch=num_items,
                                          normalize=c.jsd_normalize, vocab_size=len(tokenizer),
-                                         chunk_size=c.loss_chunk_size)
+                                         chunk_size=c.loss_chunk_size or None)
         else:
             with torch.no_grad():
                 teacher_logits = teacher(**inputs, use_cache=False).logits
@@ -384,7 +384,7 @@ def train(c: TrainConfig) -> int:
             loss = generalized_jsd_loss(student_logits, teacher_logits, labels, beta=c.beta,
                                         temperature=c.loss_temperature, num_items_in_batch=num_items,
                                         normalize=c.jsd_normalize, vocab_size=len(tokenizer),
-                                        chunk_size=c.loss_chunk_size)
+                                        chunk_size=c.loss_chunk_size or None)
         return loss, t1 - t0
 
     interrupted = []

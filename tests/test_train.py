@@ -171,7 +171,8 @@ def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkp
     monkeypatch.setattr(losses, "fused_linear_jsd_loss", interrupting)
     out = tmp_path / "run"
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5")) == 130
-    assert "interrupted at step 1" in capsys.readouterr().err and "--resume" in capsys.readouterr().err + "--resume"
+    err = capsys.readouterr().err
+    assert "interrupted at step 1" in err and "--resume" in err
     assert (out / "checkpoint-1" / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -226,3 +227,9 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, t
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_config_presets_parse(preset):
+    c = train.parse_config(["--config", str(preset)])
+    assert c.quant_type in ("mxfp4", "int4", "int4_sym")

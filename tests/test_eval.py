@@ -1,0 +1,142 @@
+"""eval.py: local task configs, rows and table, the paired test, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import eval as evaluation
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def tiny_benchmarks(tmp_path) -> Path:
+    """Every task's files in the Hugging Face schemas lm-eval reads, a few rows each."""
+    root = tmp_path / "benchmarks"
+    arc = [{"id": f"q{i}", "question": f"Which number is {i}?",
+            "choices": {"text": [str(i), str(i + 1), str(i + 2)], "label": ["A", "B", "C"]}, "answerKey": "A"}
+           for i in range(6)]
+    for task in ("arc_easy", "arc_challenge"):
+        for split in ("train", "validation", "test"):
+            write_jsonl(root / task / f"{split}.jsonl", arc)
+    write_jsonl(root / "winogrande" / "validation.jsonl",
+                [{"sentence": f"The cup beat the plate {i} because _ was strong.", "option1": "cup",
+                  "option2": "plate", "answer": "1"} for i in range(6)])
+    write_jsonl(root / "hellaswag" / "validation.jsonl",
+                [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he",
+                  "ctx": "A man cracks an egg. he", "endings": ["fries it.", "sings.", "flies.", "sleeps."],
+                  "source_id": "x", "split": "val", "split_type": "indomain", "label": "0"} for i in range(6)])
+    mmlu = [{"question": f"What is {i} + 1?", "subject": subject, "choices": [str(i + 1), "0", "7", "9"],
+             "answer": 0} for subject in ("astronomy", "virology") for i in range(4)]
+    for split in ("dev", "validation", "test"):
+        write_jsonl(root / "mmlu" / f"{split}.jsonl", mmlu)
+    write_jsonl(root / "wikitext" / "test.jsonl", [{"page": " = Title = \n \n Some text here . \n"}] * 2)
+    return root
+
+
+@pytest.fixture
+def tiny_student(tmp_path, tiny_checkpoint) -> Path:
+    """A student checkpoint as train.py writes it: latent weights + quantization settings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    quantize_model(model, "int4", 32)
+    path = tmp_path / "run" / "checkpoint-2"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(path)
+    (path / "trainer_state.json").write_text("{}")
+    (path.parent / "run_config.json").write_text(json.dumps({"model": str(tiny_checkpoint)}))
+    return path
+
+
+def test_paired_comparison_matches_an_exact_mcnemar_test():
+    from scipy.stats import binomtest
+
+    a = [1, 0, 1, 1, 0, 0, 1, 0, 1, 0] * 6
+    b = [1, 1, 1, 1, 1, 0, 1, 1, 1, 0] * 6
+    stats = evaluation.paired_comparison(a, b)
+    assert stats["diff"] == pytest.approx(100 * (sum(b) - sum(a)) / len(a))
+    assert (stats["a_only"], stats["b_only"]) == (0, 18)
+    assert stats["p_value"] == pytest.approx(binomtest(0, 18, 0.5).pvalue, rel=1e-9)
+    assert stats["ci_low"] < stats["diff"] < stats["ci_high"]
+    assert evaluation.verdict("A", "B", stats).startswith("B better than A by 30.00")
+    same = evaluation.paired_comparison(a, a)
+    assert same["p_value"] == 1.0 and evaluation.verdict("A", "B", same).startswith("no significant difference")
+
+
+def test_local_task_configs_override_only_the_data_source(tiny_benchmarks):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    include, names = evaluation.write_local_tasks(tiny_benchmarks, ["arc_challenge", "hellaswag", "mmlu"])
+    upstream = evaluation._lm_eval_task_dir()
+    data_keys = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
+                 "validation_split", "test_split"}
+    for ours, theirs in ((include / "local_arc_challenge.yaml", upstream / "arc" / "arc_challenge.yaml"),
+                         (include / "local_hellaswag.yaml", upstream / "hellaswag" / "hellaswag.yaml"),
+                         (include / "local_mmlu_virology.yaml", upstream / "mmlu" / "default" / "mmlu_virology.yaml")):
+        a, b = load_yaml(ours), load_yaml(theirs)
+        assert {k: v for k, v in a.items() if k not in data_keys} == {k: v for k, v in b.items() if k not in data_keys}
+        assert a["dataset_path"] == "json"
+    assert names["mmlu"] == "local_mmlu"
+    subject_rows = (include / "mmlu" / "virology" / "test.jsonl").read_text().splitlines()
+    assert len(subject_rows) == 4 and all(json.loads(r)["subject"] == "virology" for r in subject_rows)
+
+
+def test_teacher_ptq_and_student_rows_table_chart_and_comparison(tmp_path, tiny_benchmarks, tiny_student, capsys):
+    out = tmp_path / "eval"
+    argv = [str(tiny_student.parent), "--data-dir", str(tiny_benchmarks), "--limit", "4", "--output-dir", str(out),
+            "--batch-size", "4", "--compare", "ptq", "checkpoint-2"]
+    assert evaluation.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["teacher", "ptq", "run/checkpoint-2"]
+    for row in results["rows"].values():
+        assert set(evaluation.TASKS) <= set(row) and row["wikitext"]["word_perplexity"] > 0
+        assert len(row["arc_easy"]["items"]) == 4 and len(row["mmlu"]["items"]) == 8
+        assert 0 <= row["hellaswag"]["acc"] <= 1 and "acc_norm" in row["hellaswag"]
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0] == ("| model | hellaswag | arc_easy | arc_challenge | winogrande | mmlu | avg | ppl "
+                                     "| gap closed |")
+    assert "paired comparison, run/checkpoint-2 vs ptq" in table and "- mmlu:" in table
+    assert (out / "results.png").stat().st_size > 0
+    # The teacher and ptq rows are cached for the next run of the same settings.
+    assert len(list((tmp_path / "cache" / "eval" / "rows").glob("*.json"))) == 2
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared benchmark copies not present")
+def test_real_lm_eval_tasks_read_the_shared_local_copies(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    results = evaluation.run_lm_eval(model, tokenizer, ["arc_challenge", "winogrande", "hellaswag"], SHARED_DATA,
+                                     limit=3, num_fewshot=0, batch_size=4, max_length=256)
+    for task in ("arc_challenge", "winogrande", "hellaswag"):
+        assert len(results[task]["items"]) == 3 and 0 <= results[task]["acc"] <= 1
+
+
+def test_checkpoint_without_quantization_settings_is_refused(tmp_path, tiny_checkpoint, capsys):
+    assert evaluation.main([str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "has no quantization settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_task_and_missing_local_file_are_refused(tmp_path, tiny_benchmarks, tiny_student, capsys):
+    assert evaluation.main([str(tiny_student), "--tasks", "arc_easy,boolq"]) == 2
+    assert "unknown task boolq; valid: hellaswag, arc_easy" in capsys.readouterr().err
+    (tiny_benchmarks / "winogrande" / "validation.jsonl").unlink()
+    assert evaluation.main([str(tiny_student), "--data-dir", str(tiny_benchmarks)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data-dir is missing {tiny_benchmarks}/winogrande/validation.jsonl for task winogrande" in err
