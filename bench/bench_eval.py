@@ -1,0 +1,67 @@
+"""Evaluation cost on the embedded model: lm-eval batch sizes, and a full teacher + ptq + student run.
+
+1. One lm-eval task (--task, default arc_easy, --limit items) on the embedded teacher at
+   each batch size in --batch-sizes: seconds and the ratio to the fastest. eval.py's
+   default (16) must not be more than 20% slower than the best fixed size.
+2. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
+   all five tasks and perplexity, --limit items per task, no row cache).
+
+Needs local benchmark copies (--data-dir, default ../shared/data/benchmarks).
+
+    uv run python bench/bench_eval.py [--limit 100] [--full dump/run --full-limit 200]
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from eval import run_lm_eval  # noqa: E402
+from models import load_model  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "benchmarks"))
+    parser.add_argument("--task", default="arc_easy")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--batch-sizes", default="1,4,16,32")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--full", help="a checkpoint or run directory for the end-to-end timing")
+    parser.add_argument("--full-limit", type=int, default=200)
+    args = parser.parse_args()
+    if not Path(args.data_dir).is_dir():
+        raise SystemExit(f"no benchmark copies at {args.data_dir}; pass --data-dir")
+    model, tokenizer = load_model()
+    model.eval()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    times = {s: [] for s in sizes}
+    run_lm_eval(model, tokenizer, [args.task], args.data_dir, 8, 0, 4, 2048)  # warm-up
+    for _ in range(args.repeats):
+        for size in sizes:
+            start = time.perf_counter()
+            with torch.no_grad():
+                run_lm_eval(model, tokenizer, [args.task], args.data_dir, args.limit, 0, size, 2048)
+            times[size].append(time.perf_counter() - start)
+    medians = {s: statistics.median(t) for s, t in times.items()}
+    best = min(medians.values())
+    print(f"{args.task}, {args.limit} items, embedded model, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    for size, seconds in medians.items():
+        print(f"  batch size {size:3d}: {seconds:7.1f} s  {seconds / best:.2f}x the fastest")
+    if args.full:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "eval.py"), args.full, "--data-dir", args.data_dir,
+                        "--limit", str(args.full_limit), "--no-cache"], check=True)
+        print(f"eval.py {args.full} --limit {args.full_limit} (teacher + ptq + student, 5 tasks + perplexity): "
+              f"{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
