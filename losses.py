@@ -96,7 +96,8 @@ def _token_weights(labels, shape, num_items_in_batch, like: torch.Tensor):
     if num_items_in_batch is None:
         denominator = mask.sum().clamp(min=1)
     else:
-        denominator = torch.as_tensor(num_items_in_batch, device=like.device).clamp(min=1)
+        denominator = torch.as_tensor(num_items_in_batch, device=like.device, dtype=mask.dtype)
+        denominator = torch.where(denominator > 0, denominator, 1.0)  # no tokens anywhere: loss 0
     return mask / denominator
 
 
@@ -133,9 +134,18 @@ class _ChunkedJSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = [None if g is None else (g * grad_output).reshape(shape)
-                 for g, shape in zip(ctx.saved_tensors, ctx.shapes)]
+        grads = [None if g is None else g.reshape(shape) for g, shape in zip(_scaled(ctx, grad_output), ctx.shapes)]
         return *grads, None, None, None, None, None
+
+
+def _scaled(ctx, grad_output):
+    """The gradients saved by the forward times the upstream gradient. For the usual
+    ``loss.backward()`` (upstream 1) they are returned as they are: a scaled copy would
+    double the peak memory."""
+    saved = ctx.saved_tensors
+    if bool(grad_output == 1):
+        return list(saved)
+    return [None if g is None else g * grad_output for g in saved]
 
 
 def _counted_chunks(weights: torch.Tensor, chunk_size: int):
@@ -184,16 +194,15 @@ class _FusedLinearJSD(torch.autograd.Function):
             logits_grad = logits_grad.to(h_s.dtype)
             if need_hidden_grad:
                 hidden_grad[rows] = logits_grad @ student_head
-            if need_weight_grad:
-                weight_grad[: student_head.shape[0]] += logits_grad.T @ h_s
+            if need_weight_grad:  # in place: a [vocab, hidden] temporary per chunk would cost its size again
+                weight_grad[: student_head.shape[0]].addmm_(logits_grad.T, h_s)
         ctx.save_for_backward(hidden_grad, weight_grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_grad, weight_grad = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_output  # noqa: E731
-        return scale(hidden_grad), scale(weight_grad), None, None, None, None, None, None, None, None
+        hidden_grad, weight_grad = _scaled(ctx, grad_output)
+        return hidden_grad, weight_grad, None, None, None, None, None, None, None, None
 
 
 def fused_linear_jsd_loss(student_hidden: torch.Tensor, student_lm_head_weight: torch.Tensor,

@@ -429,13 +429,14 @@ def train(c: TrainConfig) -> int:
                 sync = i == len(micro_batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(student):
                     t0 = time.perf_counter()
-                    loss, teacher_s = loss_sum(batch, num_items)
-                    # DDP averages gradients over processes; the loss is already a global mean.
-                    accelerator.backward(loss * world)
+                    # DDP averages gradients over processes: normalising each process's sum by
+                    # count / world makes that average the gradient of the global mean.
+                    loss, teacher_s = loss_sum(batch, num_items / world)
+                    accelerator.backward(loss)
                     timings["teacher_forward_s"] += teacher_s
                     timings["student_forward_backward_s"] += time.perf_counter() - t0 - teacher_s
                 total_loss += loss.detach()
-            total_loss = accelerator.reduce(total_loss, "sum")
+            total_loss = accelerator.reduce(total_loss, "sum") / world
             if not torch.isfinite(total_loss):
                 nonfinite_in_a_row += 1
                 optimizer.zero_grad(set_to_none=True)

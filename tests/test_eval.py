@@ -140,3 +140,17 @@ def test_unknown_task_and_missing_local_file_are_refused(tmp_path, tiny_benchmar
     assert evaluation.main([str(tiny_student), "--data-dir", str(tiny_benchmarks)]) == 2
     err = capsys.readouterr().err
     assert f"--data-dir is missing {tiny_benchmarks}/winogrande/validation.jsonl for task winogrande" in err
+
+
+def test_embedded_eval_is_zero_for_the_teacher_and_positive_for_its_4bit_self(tiny_checkpoint):
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    same = evaluation.embedded_eval(teacher, copy.deepcopy(teacher), tokenizer, max_new_tokens=4, limit=4)
+    assert same["heldout_kl"] == pytest.approx(0.0, abs=1e-6) and same["teacher_nll_of_student"] > 0
+    student = evaluation.ptq_baseline(teacher, {"quant_type": "int4_sym", "group_size": 32})
+    quantized = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
+    assert quantized["heldout_kl"] > 1e-6
