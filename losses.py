@@ -104,12 +104,47 @@ def _token_weights(labels, shape, num_items_in_batch, like: torch.Tensor):
 def _jsd_chunk(student_logits, teacher_logits, weights, beta, temperature, normalize, need_grads):
     """(weighted loss of one chunk, [d loss / d logits for each of student, teacher whose
     `need_grads` flag is set, else None])."""
+    if tuple(need_grads) == (True, False):
+        return _jsd_chunk_student_grad(student_logits, teacher_logits, weights, beta, temperature, normalize)
+    # Gradients for the teacher too (rare: the teacher is frozen in training): autograd.
     inputs = [x.detach().requires_grad_(need) for x, need in zip((student_logits, teacher_logits), need_grads)]
     with torch.set_grad_enabled(any(need_grads)):
         loss = (jsd_per_token(*inputs, beta, temperature, normalize) * weights).sum()
     wanted = [x for x, need in zip(inputs, need_grads) if need]
     grads = iter(torch.autograd.grad(loss, wanted) if wanted else ())
     return loss.detach(), [next(grads) if need else None for need in need_grads]
+
+
+@torch.no_grad()
+def _jsd_chunk_student_grad(student_logits, teacher_logits, weights, beta, temperature, normalize):
+    """The same value as ``jsd_per_token`` and its gradient w.r.t. the student logits in
+    closed form, working in place (a handful of [chunk, vocab] tensors instead of the
+    dozen autograd keeps). With s, t the log-probabilities, S = exp(s), L per token:
+    beta = 0: (S - T) / temperature;  beta = 1: S (s - t - L) / temperature;
+    interior: (1 - beta) S ((s - m) - KL(S || M)) / temperature, m = log M."""
+    s = _log_probs(student_logits, temperature)
+    t = _log_probs(teacher_logits, temperature)
+    probs = s.exp()
+    if beta == 0:
+        teacher_probs = t.exp()
+        per_token = (teacher_probs * (t - s)).sum(-1)
+        grad = probs.sub_(teacher_probs)
+    elif beta == 1:
+        diff = s.sub_(t)
+        per_token = (probs * diff).sum(-1)
+        grad = diff.sub_(per_token[:, None]).mul_(probs)
+    else:
+        m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+        kl_teacher = (t.exp() * t.sub_(m)).sum(-1)
+        s_minus_m = s.sub_(m)
+        kl_student = (probs * s_minus_m).sum(-1)
+        per_token = beta * kl_teacher + (1 - beta) * kl_student
+        grad = s_minus_m.sub_(kl_student[:, None]).mul_(probs).mul_(1 - beta)
+        if normalize:
+            per_token = per_token / (beta * (1 - beta))
+            grad.div_(beta * (1 - beta))
+    grad.mul_((weights / temperature)[:, None])
+    return (per_token * weights).sum(), [grad, None]
 
 
 class _ChunkedJSD(torch.autograd.Function):
