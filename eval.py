@@ -445,16 +445,17 @@ def run(args) -> int:
     for key in settings_seen:
         name = "ptq" if len(settings_seen) == 1 else f"ptq {key['quant_type']} g{key['group_size']}"
         cache_key = hashlib.sha256((json.dumps(key, sort_keys=True) + common_key).encode()).hexdigest()[:20]
-        rows[name] = evaluate_row(ptq_baseline(teacher, key), tokenizer, args, tasks, cache_key)
+        ptq = ptq_baseline(teacher, key)
+        rows[name] = evaluate_row(ptq, tokenizer, args, tasks, cache_key)
+        if args.embedded:
+            rows[name]["embedded"] = embedded_eval(teacher, ptq, tokenizer, limit=args.limit)
+        del ptq
     for checkpoint, model, _, _ in students:
         name = checkpoint.parent.name + "/" + checkpoint.name if checkpoint.name.startswith("checkpoint-") \
             else checkpoint.name
         rows[name] = evaluate_row(model, tokenizer, args, tasks)
         if args.embedded:
             rows[name]["embedded"] = embedded_eval(teacher, model, tokenizer, limit=args.limit)
-    if args.embedded and "ptq" in rows:
-        rows["ptq"]["embedded"] = embedded_eval(teacher, ptq_baseline(teacher, settings_seen[0]), tokenizer,
-                                                limit=args.limit)
 
     table = render_table(rows, tasks)
     comparison_lines = []

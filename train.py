@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -338,6 +339,10 @@ def train(c: TrainConfig) -> int:
     slots_per_step = world * c.gradient_accumulation_steps
     prompts_per_step = slots_per_step * c.per_device_train_batch_size
 
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch: int) -> list[int]:
+        return torch.randperm(len(examples), generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch)).tolist()
+
     def step_examples(step: int, slot: int) -> list:
         """The examples of one micro-batch: a pure function of (seed, step, slot), so a
         resumed run and any process layout see the same data."""
@@ -345,8 +350,7 @@ def train(c: TrainConfig) -> int:
         for i in range(c.per_device_train_batch_size):
             index = step * prompts_per_step + slot * c.per_device_train_batch_size + i
             epoch, position = divmod(index, len(examples))
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
-            out_.append(examples[order[position]])
+            out_.append(examples[epoch_order(epoch)[position]])
         return out_
 
     def generate(model, prompts, seed):
