@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,6 +48,10 @@ LOCAL_DATA = {
 }
 SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
 LOCAL_PREFIX = "local_"
+# lm-eval holds a batch's float32 logits and their log-softmax at once, [batch, length, vocab]
+# each. Perplexity windows are all --max-length long, so their batch is capped to keep both
+# within this budget (16 windows of 2048 tokens at SmolLM2's vocabulary would take 13 GB).
+PERPLEXITY_LOGITS_BYTES = 2 * 2**30
 
 
 class EvalError(Exception):
@@ -375,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def perplexity_batch_size(batch_size, max_length: int, vocab: int):
+    """``batch_size`` capped so one batch of perplexity windows fits PERPLEXITY_LOGITS_BYTES."""
+    if batch_size == "auto":
+        return batch_size
+    return max(1, min(batch_size, PERPLEXITY_LOGITS_BYTES // (2 * 4 * max_length * vocab)))
+
+
 def evaluate_row(model, tokenizer, args, tasks, use_cache_key=None) -> dict:
     from quant import frozen_quant
 
@@ -384,10 +396,18 @@ def evaluate_row(model, tokenizer, args, tasks, use_cache_key=None) -> dict:
             log.info("using cached row %s", cached)
             return json.loads(cached.read_text())
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    lm_tasks = tasks + ([PERPLEXITY_TASK] if args.perplexity else [])
-    with torch.no_grad(), frozen_quant(model):
-        row = run_lm_eval(model, tokenizer, lm_tasks, args.data_dir, args.limit, args.num_fewshot, batch_size,
-                          args.max_length) if lm_tasks else {}
+    runs = [(tasks, batch_size)] if tasks else []
+    if args.perplexity:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        runs.append(([PERPLEXITY_TASK], perplexity_batch_size(batch_size, args.max_length, vocab)))
+    row = {}
+    for lm_tasks, lm_batch_size in runs:
+        start = time.perf_counter()
+        with torch.no_grad(), frozen_quant(model):
+            row.update(run_lm_eval(model, tokenizer, lm_tasks, args.data_dir, args.limit, args.num_fewshot,
+                                   lm_batch_size, args.max_length))
+        log.info("evaluated %s (batch size %s) in %.0f s", ", ".join(lm_tasks), lm_batch_size,
+                 time.perf_counter() - start)
     if use_cache_key:
         path = cache_root() / "rows" / f"{use_cache_key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

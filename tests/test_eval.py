@@ -77,6 +77,16 @@ def test_paired_comparison_matches_an_exact_mcnemar_test():
     assert same["p_value"] == 1.0 and evaluation.verdict("A", "B", same).startswith("no significant difference")
 
 
+def test_perplexity_batch_keeps_its_logits_within_the_budget():
+    assert evaluation.perplexity_batch_size(16, 2048, 151_936) == 1  # Qwen3: one window at a time
+    assert evaluation.perplexity_batch_size(16, 2048, 49_152) == 2  # SmolLM2
+    assert evaluation.perplexity_batch_size(16, 128, 1000) == 16  # small: the requested batch
+    assert evaluation.perplexity_batch_size("auto", 2048, 151_936) == "auto"
+    for vocab in (1000, 49_152, 151_936):
+        batch = evaluation.perplexity_batch_size(64, 2048, vocab)
+        assert batch == 1 or 2 * 4 * batch * 2048 * vocab <= evaluation.PERPLEXITY_LOGITS_BYTES
+
+
 def test_local_task_configs_override_only_the_data_source(tiny_benchmarks):
     from lm_eval.tasks._yaml_loader import load_yaml
 
