@@ -255,3 +255,22 @@ def test_float32_matches_trl_at_a_large_vocabulary(beta):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=0)
     scale = trl_input.grad.abs().max().item()  # float32 cancellation: tolerance relative to the largest entry
     torch.testing.assert_close(ours_input.grad, trl_input.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_bfloat16_student_with_float32_teacher_is_computed_in_float32():
+    student, teacher, labels = random_logits(17, dtype=torch.float32, scale=2.0)
+    student = student.bfloat16()
+    ours_input, reference_input = student.clone().requires_grad_(), student.clone().requires_grad_()
+    ours = generalized_jsd_loss(ours_input, teacher, labels, beta=0.5, chunk_size=4)
+    reference = reference_jsd(reference_input.double(), teacher, labels, 0.5, 1.0)
+    ours.backward()
+    reference.backward()
+    assert ours.dtype == torch.float32 and ours_input.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours_input.grad.double(), reference_input.grad.double(), rtol=2e-2, atol=1e-4)
+    hidden_s = torch.randn(2, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    head_s = torch.randn(50, 8, dtype=torch.bfloat16, requires_grad=True)
+    hidden_t, head_t = torch.randn(2, 5, 8), torch.randn(50, 8)
+    fused = fused_linear_jsd_loss(hidden_s, head_s, hidden_t, head_t, beta=0.5, chunk_size=3)
+    materialised = reference_jsd((hidden_s @ head_s.T).double(), hidden_t @ head_t.T, torch.zeros(2, 5), 0.5, 1.0)
+    torch.testing.assert_close(fused.double(), materialised, rtol=2e-2, atol=0)  # bf16 head products may round apart
