@@ -401,13 +401,13 @@ def evaluate_row(model, tokenizer, args, tasks, use_cache_key=None) -> dict:
         vocab = model.get_output_embeddings().weight.shape[0]
         runs.append(([PERPLEXITY_TASK], perplexity_batch_size(batch_size, args.max_length, vocab)))
     row = {}
-    for lm_tasks, lm_batch_size in runs:
-        start = time.perf_counter()
-        with torch.no_grad(), frozen_quant(model):
+    with torch.no_grad(), frozen_quant(model):  # quantize once for both passes
+        for lm_tasks, lm_batch_size in runs:
+            start = time.perf_counter()
             row.update(run_lm_eval(model, tokenizer, lm_tasks, args.data_dir, args.limit, args.num_fewshot,
                                    lm_batch_size, args.max_length))
-        log.info("evaluated %s (batch size %s) in %.0f s", ", ".join(lm_tasks), lm_batch_size,
-                 time.perf_counter() - start)
+            log.info("evaluated %s (batch size %s) in %.0f s", ", ".join(lm_tasks), lm_batch_size,
+                     time.perf_counter() - start)
     if use_cache_key:
         path = cache_root() / "rows" / f"{use_cache_key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
