@@ -243,35 +243,86 @@ def ptq_baseline(teacher, settings: dict):
 
 # ---------------------------------------------------------------- embedded evaluation
 
+EMBEDDED_BATCH = 8
+EMBEDDED_MAX_LENGTH = 512
+
+
+KL_BATCH = 4  # sequences per forward of the held-out KL (sorted by length; 4 beat 8 here)
+KL_ROWS = 256  # completion positions per KL chunk: [rows, vocab] stays cache-sized
+
+
+def completion_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The logits at the masked positions only, [positions, vocab]: the head runs on those
+    hidden states alone (prompt and padding positions never reach it)."""
+    from losses import hidden_states_instead_of_logits, supports_fused_loss
+
+    if not supports_fused_loss(model):  # a head with softcapping or a scale: the model's own logits
+        return model(**inputs).logits[mask]
+    with hidden_states_instead_of_logits(model) as head:
+        hidden = model(**inputs).logits[mask]
+    return torch.nn.functional.linear(hidden, head)
+
+
+@torch.no_grad()
+def heldout_kl_sums(teacher, student, examples, pad_token_id: int, max_length: int = EMBEDDED_MAX_LENGTH,
+                    batch_size: int = KL_BATCH) -> tuple[float, int]:
+    """(sum over completion tokens of KL(teacher || student), token count), teacher-forced on
+    the examples' reference completions. Sums, so that processes can add theirs."""
+    from data import build_batch
+    from losses import IGNORE_INDEX, jsd_per_token
+
+    device = next(student.parameters()).device
+    ordered = sorted(examples, key=lambda e: len(e.prompt_ids) + len(e.completion_ids))  # less padding
+    kl_sum, tokens = 0.0, 0
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        forced = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_token_id,
+                             max_length)
+        mask = (forced["labels"] != IGNORE_INDEX).to(device)
+        inputs = {k: forced[k].to(device) for k in ("input_ids", "attention_mask")}
+        student_logits, teacher_logits = completion_logits(student, inputs, mask), completion_logits(
+            teacher, inputs, mask)
+        for row in range(0, student_logits.shape[0], KL_ROWS):
+            kl = jsd_per_token(student_logits[row:row + KL_ROWS], teacher_logits[row:row + KL_ROWS], beta=0.0)
+            kl_sum += kl.double().sum().item()
+        tokens += int(mask.sum())
+    return kl_sum, tokens
+
+
+def heldout_examples(tokenizer, dataset: str | None = None, split: str = "heldout",
+                     max_length: int = EMBEDDED_MAX_LENGTH, limit: int | None = None):
+    """The held-out prompts and reference completions (default: the embedded held-out set)."""
+    from data import load_records, prepare_examples
+
+    return prepare_examples(load_records(dataset, split), tokenizer, max_length=max_length)[:limit]
+
+
 @torch.no_grad()
 def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: int | None = None) -> dict:
     """KL(teacher || student) per completion token on teacher-forced held-out responses, and
-    the teacher's NLL per token of the student's greedy completions."""
-    from data import build_batch, completions_from_generation, left_padded_prompts, load_records, prepare_examples
-    from losses import IGNORE_INDEX, jsd_per_token
+    the teacher's NLL per token of the student's greedy completions. For the teacher itself
+    the KL is 0 and the NLL is the floor of that metric (its own greedy completions)."""
+    from data import build_batch, completions_from_generation, left_padded_prompts
+    from losses import IGNORE_INDEX
+    from quant import frozen_quant
 
-    examples = prepare_examples(load_records(None, "heldout"), tokenizer, max_length=512)[:limit]
-    kl_sum = nll_sum = tokens_kl = tokens_nll = 0.0
-    for start in range(0, len(examples), 8):
-        chunk = examples[start:start + 8]
-        prompts = [e.prompt_ids for e in chunk]
-        forced = build_batch(prompts, [e.completion_ids for e in chunk], tokenizer.pad_token_id, 512)
-        mask = forced["labels"] != IGNORE_INDEX
-        inputs = {k: forced[k] for k in ("input_ids", "attention_mask")}
-        kl = jsd_per_token(student(**inputs).logits, teacher(**inputs).logits, beta=0.0)
-        kl_sum += kl[mask].sum().item()
-        tokens_kl += mask.sum().item()
-        batch = left_padded_prompts(prompts, tokenizer.pad_token_id)
-        generated = student.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id)
-        completions = completions_from_generation(generated, batch["input_ids"].shape[1], tokenizer.eos_token_id)
-        scored = build_batch(prompts, completions, tokenizer.pad_token_id, 512 + max_new_tokens)
-        logits = teacher(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits
-        labels = scored["labels"]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                                reduction="sum")
-        nll_sum += nll.item()
-        tokens_nll += (labels != IGNORE_INDEX).sum().item()
+    examples = heldout_examples(tokenizer, limit=limit)
+    with frozen_quant(student):  # quantize once, not once per generated token
+        kl_sum, tokens_kl = heldout_kl_sums(teacher, student, examples, tokenizer.pad_token_id)
+        nll_sum = tokens_nll = 0.0
+        for start in range(0, len(examples), EMBEDDED_BATCH):
+            prompts = [e.prompt_ids for e in examples[start:start + EMBEDDED_BATCH]]
+            batch = left_padded_prompts(prompts, tokenizer.pad_token_id)
+            generated = student.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id)
+            completions = completions_from_generation(generated, batch["input_ids"].shape[1], tokenizer.eos_token_id)
+            scored = build_batch(prompts, completions, tokenizer.pad_token_id, EMBEDDED_MAX_LENGTH + max_new_tokens)
+            logits = teacher(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits
+            labels = scored["labels"]
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels,
+                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+            nll_sum += nll.item()
+            tokens_nll += (labels != IGNORE_INDEX).sum().item()
     return {"heldout_kl": kl_sum / max(tokens_kl, 1), "teacher_nll_of_student": nll_sum / max(tokens_nll, 1)}
 
 
@@ -308,27 +359,44 @@ def average(row: dict, tasks: list[str]) -> float | None:
     return sum(values) / len(values) if len(values) == len(tasks) and values else None
 
 
+def gap_closed(value, teacher, ptq) -> float | None:
+    """(value - ptq) / (teacher - ptq): 0 at round-to-nearest, 1 at the teacher, whichever
+    direction the metric improves in; None where a value is missing or there is no gap."""
+    if value is None or teacher is None or ptq is None or teacher == ptq:
+        return None
+    return (value - ptq) / (teacher - ptq)
+
+
+def _percent(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{fraction:.0%}"
+
+
 def render_table(rows: dict[str, dict], tasks: list[str]) -> str:
+    """One line per row: accuracies with standard errors, their average, perplexity and the
+    embedded metrics, each followed by the fraction of the ptq -> teacher gap it closed."""
     def cell(result, metric="acc"):
         if not result or metric not in result:
             return "–"
         stderr = result.get(f"{metric}_stderr")
         return f"{result[metric]:.3f} ± {stderr:.3f}" if stderr is not None else f"{result[metric]:.3f}"
 
-    teacher_avg, ptq_avg = average(rows.get("teacher", {}), tasks), average(rows.get("ptq", {}), tasks)
-    header = ["model", *tasks, "avg", "ppl", "gap closed"]
+    def ppl(row):
+        return row.get(PERPLEXITY_TASK, {}).get("word_perplexity")
+
+    teacher, ptq = rows.get("teacher", {}), rows.get("ptq", {})
     extra = sorted({k for row in rows.values() for k in row.get("embedded", {})})
-    header += extra
+    header = ["model", *tasks, "avg", "gap closed", "ppl", "ppl gap closed"]
+    header += [h for k in extra for h in (k, f"{k} gap closed")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in rows.items():
         avg = average(row, tasks)
-        gap = "–"
-        if avg is not None and teacher_avg is not None and ptq_avg is not None and teacher_avg != ptq_avg:
-            gap = f"{(avg - ptq_avg) / (teacher_avg - ptq_avg):.0%}"
-        ppl = row.get(PERPLEXITY_TASK, {}).get("word_perplexity")
         cells = [name, *(cell(row.get(t)) for t in tasks), "–" if avg is None else f"{avg:.3f}",
-                 "–" if ppl is None else f"{ppl:.2f}", gap]
-        cells += [f"{row['embedded'][k]:.4f}" if k in row.get("embedded", {}) else "–" for k in extra]
+                 _percent(gap_closed(avg, average(teacher, tasks), average(ptq, tasks))),
+                 "–" if ppl(row) is None else f"{ppl(row):.2f}", _percent(gap_closed(ppl(row), ppl(teacher), ppl(ptq)))]
+        for k in extra:
+            value = row.get("embedded", {}).get(k)
+            cells += ["–" if value is None else f"{value:.4f}",
+                      _percent(gap_closed(value, teacher.get("embedded", {}).get(k), ptq.get("embedded", {}).get(k)))]
         lines.append("| " + " | ".join(cells) + " |")
     norm = [t for t in tasks if any("acc_norm" in row.get(t, {}) for row in rows.values())]
     if norm:
@@ -387,32 +455,40 @@ def perplexity_batch_size(batch_size, max_length: int, vocab: int):
     return max(1, min(batch_size, PERPLEXITY_LOGITS_BYTES // (2 * 4 * max_length * vocab)))
 
 
+def cached_result(key: str | None, compute, no_cache: bool = False) -> dict:
+    """compute(), stored under ``key`` in the eval cache and read back next time (teacher and
+    ptq rows: the same for every student of a sweep)."""
+    path = cache_root() / "rows" / f"{key}.json" if key else None
+    if path is not None and not no_cache and path.exists():
+        log.info("using cached result %s", path)
+        return json.loads(path.read_text())
+    value = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    return value
+
+
 def evaluate_row(model, tokenizer, args, tasks, use_cache_key=None) -> dict:
     from quant import frozen_quant
 
-    if use_cache_key and not args.no_cache:
-        cached = cache_root() / "rows" / f"{use_cache_key}.json"
-        if cached.exists():
-            log.info("using cached row %s", cached)
-            return json.loads(cached.read_text())
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    runs = [(tasks, batch_size)] if tasks else []
-    if args.perplexity:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        runs.append(([PERPLEXITY_TASK], perplexity_batch_size(batch_size, args.max_length, vocab)))
-    row = {}
-    with torch.no_grad(), frozen_quant(model):  # quantize once for both passes
-        for lm_tasks, lm_batch_size in runs:
-            start = time.perf_counter()
-            row.update(run_lm_eval(model, tokenizer, lm_tasks, args.data_dir, args.limit, args.num_fewshot,
-                                   lm_batch_size, args.max_length))
-            log.info("evaluated %s (batch size %s) in %.0f s", ", ".join(lm_tasks), lm_batch_size,
-                     time.perf_counter() - start)
-    if use_cache_key:
-        path = cache_root() / "rows" / f"{use_cache_key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(row))
-    return row
+    def compute() -> dict:
+        batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+        runs = [(tasks, batch_size)] if tasks else []
+        if args.perplexity:
+            vocab = model.get_output_embeddings().weight.shape[0]
+            runs.append(([PERPLEXITY_TASK], perplexity_batch_size(batch_size, args.max_length, vocab)))
+        row = {}
+        with torch.no_grad(), frozen_quant(model):  # quantize once for both passes
+            for lm_tasks, lm_batch_size in runs:
+                start = time.perf_counter()
+                row.update(run_lm_eval(model, tokenizer, lm_tasks, args.data_dir, args.limit, args.num_fewshot,
+                                       lm_batch_size, args.max_length))
+                log.info("evaluated %s (batch size %s) in %.0f s", ", ".join(lm_tasks), lm_batch_size,
+                         time.perf_counter() - start)
+        return row
+
+    return cached_result(use_cache_key, compute, args.no_cache)
 
 
 def main(argv=None) -> int:
@@ -455,8 +531,18 @@ def run(args) -> int:
     common_key = json.dumps([teacher_source or "embedded", tasks, args.limit, args.num_fewshot, source,
                              args.perplexity, args.max_length], sort_keys=True)
     rows: dict[str, dict] = {}
+
+    def key_of(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def embedded(name_key, model) -> dict:
+        return cached_result(key_of("embedded", name_key, teacher_source or "embedded", args.limit),
+                             lambda: embedded_eval(teacher, model, tokenizer, limit=args.limit), args.no_cache)
+
     rows["teacher"] = evaluate_row(teacher, tokenizer, args, tasks,
                                    hashlib.sha256(("teacher" + common_key).encode()).hexdigest()[:20])
+    if args.embedded:
+        rows["teacher"]["embedded"] = embedded("teacher", teacher)
     settings_seen = []
     for _, _, _, settings in students:
         key = {k: settings.get(k) for k in ("quant_type", "group_size", "scale_rule", "skip")}
@@ -468,7 +554,7 @@ def run(args) -> int:
         ptq = ptq_baseline(teacher, key)
         rows[name] = evaluate_row(ptq, tokenizer, args, tasks, cache_key)
         if args.embedded:
-            rows[name]["embedded"] = embedded_eval(teacher, ptq, tokenizer, limit=args.limit)
+            rows[name]["embedded"] = embedded(key, ptq)
         del ptq
     for checkpoint, model, _, _ in students:
         name = checkpoint.parent.name + "/" + checkpoint.name if checkpoint.name.startswith("checkpoint-") \

@@ -29,8 +29,10 @@ backward.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 IGNORE_INDEX = -100
 # Default chunk: as many tokens as keep one [chunk, vocab] float32 tensor near 32 MiB,
@@ -324,3 +326,26 @@ def fused_linear_jsd_loss(student_hidden: torch.Tensor, student_lm_head_weight: 
                                  teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(),
                                  teacher_lm_head_weight.detach(), weights, beta, temperature, normalize,
                                  chunk_size, vocab_size)
+
+
+# ---------------------------------------------------------------- heads
+
+@contextmanager
+def hidden_states_instead_of_logits(model):
+    """Within the block the model's forward returns its final hidden states as `logits`
+    (the head is swapped for Identity), and yields the head weight: the fused loss then
+    never builds [tokens, vocab] logits. Goes through the wrapper's forward, so DDP
+    gradient synchronisation is untouched."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head.weight
+    finally:
+        model.set_output_embeddings(head)
+
+
+def supports_fused_loss(model) -> bool:
+    head = model.get_output_embeddings()
+    config = model.config
+    return (isinstance(head, nn.Linear) and head.bias is None
+            and not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None))

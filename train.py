@@ -29,12 +29,11 @@ import signal
 import sys
 import time
 import tomllib
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from torch import nn
 
 log = logging.getLogger("train")
 
@@ -42,7 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MAX_NONFINITE_IN_A_ROW = 3
 # Fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"max_steps", "save_steps", "stop_after", "resume", "overwrite", "do_eval", "log_with",
-                     "config", "eval_args"}
+                     "config", "eval_args", "eval_steps"}
 
 
 @dataclass
@@ -76,6 +75,9 @@ class TrainConfig:
     stop_after: int = 0  # run at most N steps in this invocation, then checkpoint (0: no limit)
     resume: bool = False
     overwrite: bool = False
+    eval_steps: int = 0  # held-out KL(teacher || student) at step 0 and every N steps (0: off)
+    eval_dataset: str | None = None  # for --eval-steps; default: the embedded held-out set
+    eval_dataset_split: str = "test"
     do_eval: bool = False
     eval_args: str = ""  # extra eval.py flags for --do-eval, e.g. "--limit 100 --tasks arc_easy"
     teacher_dtype: str = "float32"
@@ -89,9 +91,14 @@ QUANT_CHOICES = ("mxfp4", "int4", "int4_sym", "none")
 ALIASES = {"learning_rate": ["--lr"], "per_device_train_batch_size": ["--batch-size", "--batch_size"]}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise Abort(f"{message} (see train.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else []) + ALIASES.get(f.name, [])
         default = f.default
@@ -142,6 +149,9 @@ def validate(c: TrainConfig) -> None:
     for name in ("temperature", "loss_temperature", "learning_rate"):
         if not getattr(c, name) > 0:
             raise Abort(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
+    for name in ("save_steps", "stop_after", "eval_steps"):
+        if getattr(c, name) < 0:
+            raise Abort(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                  "max_new_tokens", "min_completion_tokens"):
         if getattr(c, name) < 1:
@@ -160,6 +170,14 @@ def default_output_dir(c: TrainConfig) -> str:
 
 def run_config_dict(c: TrainConfig) -> dict:
     return dataclasses.asdict(c)
+
+
+def config_differences(saved: dict, c: TrainConfig) -> list[str]:
+    """The settings in which ``c`` differs from a saved run configuration, beyond those a
+    resumed run may change."""
+    defaults = run_config_dict(TrainConfig())  # a setting added since the run was saved has its default
+    return sorted(k for k, v in run_config_dict(c).items()
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
 
 
 # ---------------------------------------------------------------- output directory and checkpoints
@@ -184,9 +202,7 @@ def check_output_dir(c: TrainConfig) -> Path | None:
         raise Abort(f"output directory {out} already holds a run; pass --resume to continue it, "
                           f"--overwrite to replace it, or choose another --output_dir")
     if saved.exists():
-        previous = json.loads(saved.read_text())
-        differ = sorted(k for k, v in run_config_dict(c).items()
-                        if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+        differ = config_differences(json.loads(saved.read_text()), c)
         if differ:
             raise Abort(f"--resume: {out} was run with a different configuration ({', '.join(differ)}); "
                               f"use the same settings or another --output_dir")
@@ -249,27 +265,6 @@ def load_teacher_and_student(c: TrainConfig):
     return teacher, student, tokenizer
 
 
-@contextmanager
-def hidden_states_instead_of_logits(model):
-    """Within the block the model's forward returns its final hidden states as `logits`
-    (the head is swapped for Identity), and yields the head weight: the fused loss then
-    never builds [tokens, vocab] logits. Goes through the wrapper's forward, so DDP
-    gradient synchronisation is untouched."""
-    head = model.get_output_embeddings()
-    model.set_output_embeddings(nn.Identity())
-    try:
-        yield head.weight
-    finally:
-        model.set_output_embeddings(head)
-
-
-def supports_fused_loss(model) -> bool:
-    head = model.get_output_embeddings()
-    config = model.config
-    return (isinstance(head, nn.Linear) and head.bias is None
-            and not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None))
-
-
 # ---------------------------------------------------------------- the loop
 
 class Interrupted(Exception):
@@ -296,7 +291,9 @@ def train(c: TrainConfig) -> int:
 
     from data import (build_batch, completions_from_generation, left_padded_prompts, load_records,
                       prepare_examples)
-    from losses import fused_linear_jsd_loss, generalized_jsd_loss
+    from eval import heldout_examples, heldout_kl_sums
+    from losses import (fused_linear_jsd_loss, generalized_jsd_loss, hidden_states_instead_of_logits,
+                        supports_fused_loss)
     from quant import frozen_quant
 
     resume_from = check_output_dir(c)
@@ -308,6 +305,8 @@ def train(c: TrainConfig) -> int:
     need_completions = c.lmbda < 1 and not c.seq_kd
     examples = prepare_examples(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
                                 c.min_completion_tokens, need_completions=need_completions)
+    eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
+                     if c.eval_steps else [])
 
     decay = [p for p in student.parameters() if p.dim() >= 2]
     no_decay = [p for p in student.parameters() if p.dim() < 2]
@@ -323,9 +322,13 @@ def train(c: TrainConfig) -> int:
              and supports_fused_loss(unwrapped) and supports_fused_loss(teacher))
 
     start_step = 0
+    # Totals that the learning curves are plotted against; they carry over a resumption.
+    totals = {"train_s": 0.0, "tokens_generated": 0, "heldout_kl_step0": None}
     if resume_from is not None:
         accelerator.load_state(str(resume_from / "accelerate_state"))
-        start_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        start_step = state["step"]
+        totals.update({k: state[k] for k in totals if k in state})
         log.info("resumed from %s at step %d", resume_from, start_step)
     out = Path(c.output_dir)
     if accelerator.is_main_process:
@@ -391,6 +394,23 @@ def train(c: TrainConfig) -> int:
                                         chunk_size=c.loss_chunk_size or None)
         return loss, t1 - t0
 
+    def heldout_eval() -> dict:
+        """Held-out KL(teacher || student) per token, teacher-forced; each process scores a
+        share of the examples and the sums are added."""
+        was_training = unwrapped.training
+        unwrapped.eval()
+        with frozen_quant(unwrapped):
+            kl_sum, tokens = heldout_kl_sums(teacher, unwrapped, eval_examples[rank::world], tokenizer.pad_token_id,
+                                             c.max_length)
+        unwrapped.train(was_training)
+        sums = accelerator.reduce(torch.tensor([kl_sum, tokens], dtype=torch.float64, device=accelerator.device),
+                                  "sum")
+        kl = (sums[0] / sums[1].clamp(min=1)).item()
+        if totals["heldout_kl_step0"] is None:
+            totals["heldout_kl_step0"] = kl
+        start_kl = totals["heldout_kl_step0"]
+        return {"heldout_kl": kl, "heldout_kl_gap_closed": 1 - kl / start_kl if start_kl > 0 else None}
+
     interrupted = []
 
     def on_signal(signum, frame):
@@ -404,13 +424,19 @@ def train(c: TrainConfig) -> int:
     on_policy_steps, nonfinite_in_a_row, last_metrics = 0, 0, {}
     steps_this_run = 0
     step = start_step
+    if c.eval_steps and start_step == 0:  # the curve starts at round-to-nearest
+        step0 = {"step": 0, "train_s": 0.0, "tokens_generated": 0, **heldout_eval()}
+        log.info("step 0: held-out KL %.4f", step0["heldout_kl"])
+        if metrics_file:
+            metrics_file.write(json.dumps(step0) + "\n")
+            metrics_file.flush()
     try:
         while step < c.max_steps:
             step_start = time.perf_counter()
             timings = {"generation_s": 0.0, "teacher_forward_s": 0.0, "student_forward_backward_s": 0.0}
             on_policy = random.Random(c.seed * 1_000_003 + step).random() < c.lmbda
             on_policy_steps += on_policy
-            micro_batches = []
+            micro_batches, local_generated = [], 0
             for micro in range(c.gradient_accumulation_steps):
                 slot = micro * world + rank
                 chosen = step_examples(step, slot)
@@ -423,11 +449,15 @@ def train(c: TrainConfig) -> int:
                     completions = generate(teacher, prompts, c.seed + 7919 * (step * slots_per_step + slot))
                 else:
                     completions = [e.completion_ids for e in chosen]
+                if on_policy or c.seq_kd:
+                    local_generated += sum(len(completion) for completion in completions)
                 timings["generation_s"] += time.perf_counter() - t0
                 batch = build_batch(prompts, completions, tokenizer.pad_token_id, c.max_length)
                 micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
             local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-            num_items = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
+            counts = accelerator.reduce(torch.tensor([local_tokens, local_generated], device=accelerator.device),
+                                        "sum")
+            num_items, generated_tokens = counts[0], int(counts[1])
             total_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro_batches):
                 sync = i == len(micro_batches) - 1
@@ -458,11 +488,16 @@ def train(c: TrainConfig) -> int:
             step += 1
             steps_this_run += 1
             elapsed = time.perf_counter() - step_start
+            totals["train_s"] += elapsed
+            totals["tokens_generated"] += generated_tokens
             last_metrics = {"step": step, "loss": total_loss.item(), "grad_norm": float(grad_norm),
                             "learning_rate": scheduler.get_last_lr()[0], "on_policy": on_policy,
                             "on_policy_fraction": on_policy_steps / steps_this_run,
                             "completion_tokens": int(num_items), "tokens_per_s": int(num_items) / elapsed,
-                            "step_s": elapsed, **timings}
+                            "step_s": elapsed, **timings, "train_s": totals["train_s"],
+                            "tokens_generated": totals["tokens_generated"]}
+            if c.eval_steps and (step % c.eval_steps == 0 or step == c.max_steps):
+                last_metrics.update(heldout_eval())
             if metrics_file:
                 metrics_file.write(json.dumps(last_metrics) + "\n")
                 metrics_file.flush()
@@ -473,7 +508,8 @@ def train(c: TrainConfig) -> int:
                                  on_policy=f"{last_metrics['on_policy_fraction']:.2f}")
             stop_now = bool(interrupted) or (c.stop_after and steps_this_run >= c.stop_after)
             if (c.save_steps and step % c.save_steps == 0) or step == c.max_steps or stop_now:
-                checkpoint = save_checkpoint(accelerator, student, tokenizer, c, step, last_metrics)
+                checkpoint = save_checkpoint(accelerator, student, tokenizer, c, step,
+                                             {**last_metrics, "heldout_kl_step0": totals["heldout_kl_step0"]})
                 log.info("saved %s", checkpoint)
             if interrupted:
                 raise Interrupted(checkpoint)

@@ -117,8 +117,8 @@ def test_teacher_ptq_and_student_rows_table_chart_and_comparison(tmp_path, tiny_
         assert len(row["arc_easy"]["items"]) == 4 and len(row["mmlu"]["items"]) == 8
         assert 0 <= row["hellaswag"]["acc"] <= 1 and "acc_norm" in row["hellaswag"]
     table = (out / "results.md").read_text()
-    assert table.splitlines()[0] == ("| model | hellaswag | arc_easy | arc_challenge | winogrande | mmlu | avg | ppl "
-                                     "| gap closed |")
+    assert table.splitlines()[0] == ("| model | hellaswag | arc_easy | arc_challenge | winogrande | mmlu | avg "
+                                     "| gap closed | ppl | ppl gap closed |")
     assert "paired comparison, run/checkpoint-2 vs ptq" in table and "- mmlu:" in table
     assert (out / "results.png").stat().st_size > 0
     # The teacher and ptq rows are cached for the next run of the same settings.

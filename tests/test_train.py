@@ -63,10 +63,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     assert not output_dir.exists()
 
 
-def test_unknown_quant_type_lists_the_valid_ones(capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--quant-type", "fp3"])
-    assert e.value.code == 2 and "mxfp4, int4, int4_sym, none" in capsys.readouterr().err.replace("'", "")
+def test_unknown_flag_or_choice_is_one_line(capsys):
+    assert train.main(["--quant-type", "fp3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mxfp4, int4, int4_sym, none" in err.replace("'", "") and len(err.splitlines()) == 1
+    assert train.main(["--no-such-flag", "1"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_dataset_without_known_columns_or_empty_after_filtering_is_refused(tmp_path, tiny_checkpoint, capsys):
@@ -145,17 +147,49 @@ def test_existing_output_dir_is_refused_unless_resume_or_overwrite(tmp_path, tin
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--overwrite")) == 0
 
 
+def test_eval_steps_write_a_learning_curve_that_ends_at_eval_py_value(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                      monkeypatch):
+    import eval as evaluation
+
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    # eval.py scores the embedded held-out set at 512 tokens: the same here, so the values agree.
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "3", "--lmbda", "1",
+                                "--eval-steps", "2", "--max-length", "512")) == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert ["heldout_kl" in r for r in rows] == [True, False, True, True]  # step 0, every 2, the last
+    assert rows[0]["train_s"] == 0 and rows[0]["tokens_generated"] == 0 and rows[0]["heldout_kl"] > 0
+    assert all(b["train_s"] > a["train_s"] for a, b in zip(rows, rows[1:]))
+    # every on-policy completion token was generated: the running total is their sum
+    assert [r["tokens_generated"] for r in rows[1:]] == [sum(r["completion_tokens"] for r in rows[1:i + 1])
+                                                          for i in range(1, 4)]
+    for r in (rows[2], rows[3]):
+        assert r["heldout_kl_gap_closed"] == pytest.approx(1 - r["heldout_kl"] / rows[0]["heldout_kl"])
+    assert evaluation.main([str(out), "--tasks", "", "--no-perplexity", "--embedded", "--output-dir",
+                            str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert evaluated["run/checkpoint-3"]["embedded"]["heldout_kl"] == pytest.approx(rows[3]["heldout_kl"], rel=1e-6)
+    assert evaluated["ptq"]["embedded"]["heldout_kl"] == pytest.approx(rows[0]["heldout_kl"], rel=1e-6)
+    assert evaluated["teacher"]["embedded"]["heldout_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_resume_after_a_stop_gives_the_same_final_weights(tmp_path, tiny_checkpoint, chat_dataset):
-    common = ("--max-steps", "4", "--lmbda", "0.5", "--seed", "3")
+    common = ("--max-steps", "4", "--lmbda", "0.5", "--seed", "3", "--eval-steps", "2", "--eval-dataset",
+              str(chat_dataset))
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, straight, *common)) == 0
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--stop-after", "2")) == 0
     assert (split / "checkpoint-2").exists() and not (split / "checkpoint-4").exists()
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--resume")) == 0
-    assert {r["on_policy"] for r in metrics(straight)} == {True, False}  # both kinds of step were exercised
+    assert {r["on_policy"] for r in metrics(straight)[1:]} == {True, False}  # both kinds of step were exercised
     a, b = weights(straight / "checkpoint-4"), weights(split / "checkpoint-4")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(split)]
+    assert [r.get("loss") for r in metrics(straight)] == [r.get("loss") for r in metrics(split)]
+    # the learning curve carries over: the same held-out values, gap closed against the same step 0
+    assert [(r["step"], r.get("heldout_kl_gap_closed")) for r in metrics(straight)] == [
+        (r["step"], r.get("heldout_kl_gap_closed")) for r in metrics(split)]
+    assert metrics(split)[-1]["train_s"] > metrics(split)[2]["train_s"]
 
 
 def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
