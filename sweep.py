@@ -1,0 +1,454 @@
+"""Grid sweeps of train.py: one run per combination of values and seed, resumable, summarised.
+
+    uv run python sweep.py --grid lmbda=0,0.5,1 beta=0,0.5,1 learning_rate=1e-5,1e-4 --seeds 3 -- --max-steps 50
+    uv run python sweep.py --grid lmbda=0,1 --dry-run --launcher "accelerate launch --num_processes 8" -- ...
+    uv run python sweep.py --summarize dump/sweep/results
+
+Every run is ``train.py [flags after --] --KEY VALUE ... --seed S --output_dir ROOT/NAME``
+with NAME built from the swept values and the seed (``lmbda0.5_beta0_lr1e-05_seed42``). All
+runs are validated before any starts. A finished run is skipped, an interrupted one
+resumed (``--resume``); runs go one after another here, and ``--dry-run`` prints them one
+command per line for a cluster scheduler. ``--eval "FLAGS"`` runs eval.py on each finished
+run (teacher and ptq rows come from eval.py's cache after the first).
+
+Each run leaves ``RESULTS/NAME.json`` (small: settings, learning curve, final metrics,
+evaluation, commands): commit them, and ``--summarize RESULTS`` rebuilds the summary
+(``summary.md``, ``summary.json``, plots) from them alone, on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+log = logging.getLogger("sweep")
+
+ROOT = Path(__file__).resolve().parent
+# Chosen per run by the sweep itself.
+RESERVED = {"output_dir", "resume", "overwrite", "seed", "config"}
+SHORT_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "gradient_accumulation_steps": "ga",
+               "max_new_tokens": "new", "quant_type": "", "group_size": "g"}
+# Fields of a result's "final" entry that the summary aggregates over seeds.
+SUMMARY_METRICS = ("heldout_kl", "heldout_kl_gap_closed", "teacher_nll_of_student", "teacher_nll_gap_closed",
+                   "ppl", "ppl_gap_closed", "bench_avg", "bench_gap_closed", "train_min", "tokens_generated")
+
+
+class SweepError(Exception):
+    """Bad input: one line, nothing launched."""
+
+
+# ---------------------------------------------------------------- the grid
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """KEY=V1,V2 items as {train.py field: [values as typed]}; keys in either spelling."""
+    import train
+
+    known = {f.name for f in fields(train.TrainConfig)}
+    aliases = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size"}
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        name = aliases.get(key.strip().lstrip("-").replace("-", "_"), key.strip().lstrip("-").replace("-", "_"))
+        if not sep or not key:
+            raise SweepError(f"--grid item {item!r} is not KEY=V1,V2,...")
+        if name not in known:
+            raise SweepError(f"--grid key {key!r} is not a train.py flag (see train.py --help)")
+        if name in RESERVED - {"seed"}:
+            raise SweepError(f"--grid key {key!r} is set by the sweep for each run; it cannot be swept")
+        if name in grid:
+            raise SweepError(f"--grid key {key!r} is given twice")
+        listed = [v.strip() for v in values.split(",") if v.strip()]
+        if not listed:
+            raise SweepError(f"--grid key {key!r} has no values")
+        grid[name] = listed
+    return grid
+
+
+def run_name(values: dict[str, str], seed: int) -> str:
+    parts = []
+    for key, value in values.items():
+        text = value
+        try:
+            text = f"{float(value):g}"
+        except ValueError:
+            pass
+        parts.append(SHORT_NAMES.get(key, key) + text)
+    return "_".join(parts + [f"seed{seed}"])
+
+
+def _flag_name(token: str) -> str | None:
+    """The train.py field a command-line token names (``--output-dir=x`` -> output_dir)."""
+    return token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+
+
+def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], root: Path) -> list[dict]:
+    """Every run of the grid with its train.py arguments, validated by train.py's own parser,
+    and what to do with it: 'train', 'resume' or 'done'. Raises SweepError on the first
+    run train.py would refuse or whose directory holds a different configuration."""
+    import itertools
+
+    import train
+
+    for token in train_flags:
+        if _flag_name(token) in RESERVED:
+            raise SweepError(f"{token.split('=')[0]} after -- is set by the sweep for each run; use --root for "
+                             f"the output directories and --seeds or --grid seed=... for seeds")
+    try:
+        base = train.parse_config(train_flags)
+    except train.Abort as e:
+        raise SweepError(f"train.py flags after --: {e}") from None
+    seed_values = grid.pop("seed", None) or [str(base.seed + i) for i in range(seeds)]
+    runs = []
+    for combination in itertools.product(*grid.values()):
+        values = dict(zip(grid, combination))
+        for seed in seed_values:
+            try:
+                seed_number = int(seed)
+            except ValueError:
+                raise SweepError(f"seed {seed!r} is not an integer") from None
+            name = run_name(values, seed_number)
+            output_dir = root / name
+            argv = [*train_flags]
+            for key, value in values.items():
+                argv += [f"--{key.replace('_', '-')}", value]
+            argv += ["--seed", str(seed_number), "--output_dir", str(output_dir)]
+            try:
+                config = train.parse_config(argv)
+            except train.Abort as e:
+                raise SweepError(f"run {name}: {e}") from None
+            model = config.model
+            if model and not Path(model).exists() and (model.endswith(".gguf") or model.startswith((".", "/"))):
+                raise SweepError(f"run {name}: model path {model!r} does not exist")
+            runs.append({"name": name, "values": {**values, "seed": seed_number}, "argv": argv, "config": config,
+                         "output_dir": output_dir, "action": run_action(config, output_dir)})
+    return runs
+
+
+def run_action(config, output_dir: Path) -> str:
+    import train
+
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return "train"
+    saved = output_dir / "run_config.json"
+    if saved.exists():
+        differ = train.config_differences(json.loads(saved.read_text()), config)
+        if differ:
+            raise SweepError(f"{output_dir} holds a run with a different configuration ({', '.join(differ)}); "
+                             f"remove it or choose another --root")
+    latest = train.latest_checkpoint(output_dir)
+    if latest is not None and json.loads((latest / "trainer_state.json").read_text())["step"] >= config.max_steps:
+        return "done"
+    return "resume"
+
+
+def _script(name: str) -> str:
+    """train.py / eval.py as the commands name them: relative from the project root."""
+    return name if Path.cwd().resolve() == ROOT else str(ROOT / name)
+
+
+def train_command(launcher: str, run: dict) -> list[str]:
+    argv = run["argv"] + (["--resume"] if run["action"] == "resume" else [])
+    return [*shlex.split(launcher), _script("train.py"), *argv]
+
+
+def eval_command(run: dict, eval_flags: str) -> list[str]:
+    return ["python", _script("eval.py"), str(run["output_dir"]), "--output-dir", str(run["output_dir"] / "eval"),
+            *shlex.split(eval_flags)]
+
+
+# ---------------------------------------------------------------- one run's result
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """metrics.jsonl, the last line for each step (a resumed run repeats the steps after its
+    last checkpoint)."""
+    path = output_dir / "metrics.jsonl"
+    by_step = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _eval_summary(results: dict) -> dict:
+    """Per row of eval.py's results.json: accuracies with standard errors, perplexity and the
+    embedded metrics (per-item results kept as 0/1 strings for later paired tests)."""
+    rows = {}
+    for name, row in results["rows"].items():
+        summary = {}
+        for task in results["tasks"]:
+            if task in row and "acc" in row[task]:
+                summary[task] = {"acc": row[task]["acc"], "acc_stderr": row[task].get("acc_stderr"),
+                                 "items": "".join(str(int(x)) for x in row[task].get("items", []))}
+        if "wikitext" in row:
+            summary["ppl"] = row["wikitext"].get("word_perplexity")
+        summary.update(row.get("embedded", {}))
+        rows["student" if name not in ("teacher", "ptq") else name] = summary
+    return {"tasks": results["tasks"], "limit": results["limit"], "rows": rows}
+
+
+def bench_average(row: dict, tasks: list[str]) -> tuple[float | None, float | None]:
+    """Mean accuracy over the tasks and its standard error (independent tasks)."""
+    if not tasks or not all(t in row for t in tasks):
+        return None, None
+    mean = sum(row[t]["acc"] for t in tasks) / len(tasks)
+    errors = [row[t].get("acc_stderr") for t in tasks]
+    stderr = math.sqrt(sum(e * e for e in errors)) / len(tasks) if all(e is not None for e in errors) else None
+    return mean, stderr
+
+
+def final_metrics(curve: list[dict], evaluation: dict | None) -> dict:
+    from eval import gap_closed
+
+    final = {}
+    trained = [r for r in curve if r.get("step", 0) > 0]
+    if trained:
+        last = trained[-1]
+        final.update(step=last["step"], train_min=last.get("train_s", 0.0) / 60,
+                     tokens_generated=last.get("tokens_generated", 0), loss=last.get("loss"))
+    with_kl = [r for r in curve if "heldout_kl" in r]
+    if with_kl:
+        final.update(heldout_kl=with_kl[-1]["heldout_kl"], heldout_kl_gap_closed=with_kl[-1]["heldout_kl_gap_closed"])
+    if evaluation:
+        rows = evaluation["rows"]
+        teacher, ptq, student = rows.get("teacher", {}), rows.get("ptq", {}), rows.get("student", {})
+        tasks = evaluation["tasks"]
+        averages = {name: bench_average(rows.get(name, {}), tasks) for name in ("teacher", "ptq", "student")}
+        final.update(bench_avg=averages["student"][0], bench_avg_stderr=averages["student"][1],
+                     bench_gap_closed=gap_closed(averages["student"][0], averages["teacher"][0], averages["ptq"][0]),
+                     ppl=student.get("ppl"), ppl_gap_closed=gap_closed(student.get("ppl"), teacher.get("ppl"),
+                                                                       ptq.get("ppl")),
+                     teacher_nll_of_student=student.get("teacher_nll_of_student"),
+                     teacher_nll_gap_closed=gap_closed(student.get("teacher_nll_of_student"),
+                                                       teacher.get("teacher_nll_of_student"),
+                                                       ptq.get("teacher_nll_of_student")))
+        if "heldout_kl" in student and "heldout_kl" not in final:  # no learning curve: eval.py's value
+            final.update(heldout_kl=student["heldout_kl"],
+                         heldout_kl_gap_closed=gap_closed(student["heldout_kl"], 0.0, ptq.get("heldout_kl")))
+    return {k: v for k, v in final.items() if v is not None}
+
+
+def collect_result(run: dict, launcher: str, eval_flags: str | None) -> dict:
+    curve_keys = ("step", "train_s", "tokens_generated", "heldout_kl", "heldout_kl_gap_closed", "loss")
+    curve = [{k: r[k] for k in curve_keys if k in r} for r in read_metrics(run["output_dir"])]
+    results_file = run["output_dir"] / "eval" / "results.json"
+    evaluation = _eval_summary(json.loads(results_file.read_text())) if results_file.exists() else None
+    return {"name": run["name"], "values": run["values"], "config": json.loads(
+                (run["output_dir"] / "run_config.json").read_text()),
+            "curve": curve, "final": final_metrics(curve, evaluation), "eval": evaluation,
+            "commands": {"train": shlex.join(train_command(launcher, {**run, "action": "train"})),
+                         "eval": shlex.join(eval_command(run, eval_flags)) if eval_flags is not None else None}}
+
+
+# ---------------------------------------------------------------- the summary
+
+def _mean_spread(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _format(value: float | None, spread: float | None, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "percent":
+        text, spread_text = f"{value:.1%}", None if spread is None else f"{spread:.1%}"
+    elif kind == "count":
+        text, spread_text = f"{value:,.0f}", None if spread is None else f"{spread:,.0f}"
+    elif kind == "minutes":
+        text, spread_text = f"{value:.1f}", None if spread is None else f"{spread:.1f}"
+    else:
+        text, spread_text = f"{value:.4f}", None if spread is None else f"{spread:.4f}"
+    return text if spread_text is None else f"{text} ± {spread_text}"
+
+
+def summarize(results: list[dict]) -> tuple[str, list[dict]]:
+    """One line per setting (all values but the seed): each metric as mean ± sample standard
+    deviation over its seeds; the benchmark average with its standard error where one seed."""
+    swept = sorted({k for r in results for k in r["values"] if k != "seed"},
+                   key=lambda k: next(i for i, r in enumerate(results) if k in r["values"]))
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r["values"].get(k) for k in swept), []).append(r)
+    columns = [("held-out KL", "heldout_kl", "plain"), ("KL gap closed", "heldout_kl_gap_closed", "percent"),
+               ("teacher NLL of student", "teacher_nll_of_student", "plain"),
+               ("NLL gap closed", "teacher_nll_gap_closed", "percent"), ("ppl", "ppl", "plain"),
+               ("ppl gap closed", "ppl_gap_closed", "percent"), ("bench avg", "bench_avg", "plain"),
+               ("bench gap closed", "bench_gap_closed", "percent"), ("train min", "train_min", "minutes"),
+               ("tokens generated", "tokens_generated", "count")]
+    header = [*swept, "seeds", "steps", *(c[0] for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
+    for key, members in groups.items():
+        entry = {"values": dict(zip(swept, key)), "seeds": [m["values"].get("seed") for m in members],
+                 "steps": sorted({m["final"].get("step") for m in members if m["final"].get("step") is not None})}
+        cells = [str(v) for v in key] + [str(len(members)), ",".join(str(s) for s in entry["steps"]) or "–"]
+        for _, metric, kind in columns:
+            values = [m["final"][metric] for m in members if m["final"].get(metric) is not None]
+            if not values:
+                cells.append("–")
+                continue
+            mean, spread = _mean_spread(values)
+            if metric == "bench_avg" and len(values) == 1:
+                spread = members[0]["final"].get("bench_avg_stderr")
+            entry[metric] = {"mean": mean, "spread": spread, "n": len(values)}
+            cells.append(_format(mean, spread, kind))
+        lines.append("| " + " | ".join(cells) + " |")
+        table.append(entry)
+    notes = ["", "Each cell: mean ± sample standard deviation over seeds (bench avg of a single seed: ± its "
+                 "standard error). Gap closed: (run - ptq) / (teacher - ptq); held-out KL's teacher value is 0."]
+    return "\n".join(lines + notes), table
+
+
+def plot_summary(results: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for x_key, label, name in (("step", "optimizer step", "curves_step.png"),
+                               ("train_s", "training time (min)", "curves_time.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in results:
+            points = [(p[x_key] / (60 if x_key == "train_s" else 1), p["heldout_kl"]) for p in r["curve"]
+                      if "heldout_kl" in p and x_key in p]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=r["name"], linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out KL(teacher || student) per token")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+    swept = sorted({k for r in results for k, v in r["values"].items()
+                    if len({str(x["values"].get(k)) for x in results}) > 1})
+    for key in swept:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in results:
+            if "heldout_kl_gap_closed" in r["final"]:
+                ax.scatter([str(r["values"].get(key))], [r["final"]["heldout_kl_gap_closed"]], s=14)
+        ax.set_xlabel(key)
+        ax.set_ylabel("held-out KL gap closed")
+        fig.tight_layout()
+        fig.savefig(out / f"final_vs_{key}.png", dpi=120)
+        plt.close(fig)
+        written.append(out / f"final_vs_{key}.png")
+    return written
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    if not results_dir.is_dir():
+        raise SweepError(f"results directory {results_dir} does not exist")
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")) if p.name != "summary.json"]
+    if not results:
+        raise SweepError(f"no run results (*.json) in {results_dir}")
+    return results
+
+
+def write_summary(results_dir: Path) -> str:
+    results = load_results(results_dir)
+    text, table = summarize(results)
+    (results_dir / "summary.md").write_text(text + "\n")
+    (results_dir / "summary.json").write_text(json.dumps(table, indent=1))
+    plot_summary(results, results_dir)
+    return text
+
+
+# ---------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="train.py flags and their values")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per setting: the base --seed and the next ones")
+    p.add_argument("--root", default="dump/sweep", help="where the run directories go")
+    p.add_argument("--results", help="where each run's result JSON and the summary go (default: ROOT/results)")
+    p.add_argument("--launcher", default="accelerate launch", help="the command before train.py")
+    p.add_argument("--dry-run", "--dry_run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--eval", dest="eval_flags", nargs="?", const="", default=None, metavar="FLAGS",
+                   help="evaluate each finished run with eval.py and these flags (one quoted string)")
+    p.add_argument("--summarize", metavar="RESULTS", help="only rebuild the summary from a results directory")
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    try:
+        if args.summarize:
+            print(write_summary(Path(args.summarize)))
+            return 0
+        return sweep(args, train_flags)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep(args, train_flags: list[str]) -> int:
+    if not args.grid:
+        raise SweepError("--grid needs at least one KEY=V1,V2 item")
+    if args.seeds < 1:
+        raise SweepError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.eval_flags is not None:
+        import eval as evaluation
+
+        try:
+            evaluation.build_parser().parse_args(["RUN", *shlex.split(args.eval_flags)])
+        except SystemExit:
+            raise SweepError(f"--eval flags {args.eval_flags!r} are not valid eval.py flags") from None
+    root = Path(args.root)
+    results_dir = Path(args.results) if args.results else root / "results"
+    runs = plan_runs(parse_grid(args.grid), args.seeds, train_flags, root)
+    if args.dry_run:
+        for run in runs:
+            command = shlex.join(train_command(args.launcher, run))
+            if args.eval_flags is not None:
+                command += " && " + shlex.join(eval_command(run, args.eval_flags))
+            print(command)
+        return 0
+    log.info("%d runs: %d to train, %d to resume, %d done", len(runs), *(
+        sum(r["action"] == a for r in runs) for a in ("train", "resume", "done")))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(runs, 1):
+        if run["action"] != "done":
+            log.info("[%d/%d] %s %s", i, len(runs), run["action"], run["name"])
+            code = subprocess.run(train_command(args.launcher, run)).returncode
+            if code != 0:
+                print(f"error: run {run['name']} exited with {code}; rerun the same sweep command to resume it",
+                      file=sys.stderr)
+                return code
+        if args.eval_flags is not None and _needs_eval(run["output_dir"]):
+            log.info("[%d/%d] eval %s", i, len(runs), run["name"])
+            code = subprocess.run([sys.executable, *eval_command(run, args.eval_flags)[1:]]).returncode
+            if code != 0:
+                print(f"error: eval.py on {run['name']} exited with {code}", file=sys.stderr)
+                return code
+        result = collect_result(run, args.launcher, args.eval_flags)
+        (results_dir / f"{run['name']}.json").write_text(json.dumps(result, indent=1))
+    print(write_summary(results_dir))
+    return 0
+
+
+def _needs_eval(output_dir: Path) -> bool:
+    """No results yet, or results older than the latest checkpoint."""
+    import train
+
+    results = output_dir / "eval" / "results.json"
+    latest = train.latest_checkpoint(output_dir)
+    return not results.exists() or (latest is not None and results.stat().st_mtime < latest.stat().st_mtime)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

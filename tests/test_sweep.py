@@ -1,0 +1,170 @@
+"""sweep.py: the grid, skipping and resuming runs, evaluation, the summary, bad input."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import sweep
+import train
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))  # the runs' subprocesses inherit it
+
+
+def train_flags(tiny_checkpoint, chat_dataset, *extra):
+    return ["--model", str(tiny_checkpoint), "--dataset", str(chat_dataset), "--max-new-tokens", "6",
+            "--batch-size", "2", "--max-length", "96", "--learning-rate", "1e-3", "--quant-type", "int4",
+            "--group-size", "32", "--eval-steps", "1", "--eval-dataset", str(chat_dataset), *extra]
+
+
+def results_in(directory: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json")) if p.name != "summary.json"}
+
+
+def checkpoint_times(root: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in root.glob("*/checkpoint-*/model.safetensors")}
+
+
+def test_a_2x2_grid_trains_every_run_once_and_summarizes(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    root = tmp_path / "sweep"
+    argv = ["--grid", "lmbda=0,1", "beta=0,1", "--root", str(root), "--launcher", sys.executable, "--",
+            *train_flags(tiny_checkpoint, chat_dataset, "--max-steps", "1")]
+    assert sweep.main(argv) == 0
+    results = results_in(root / "results")
+    assert list(results) == ["lmbda0_beta0_seed42", "lmbda0_beta1_seed42", "lmbda1_beta0_seed42",
+                             "lmbda1_beta1_seed42"]
+    for name, result in results.items():
+        assert result["config"]["lmbda"] == float(result["values"]["lmbda"])
+        assert result["config"]["beta"] == float(result["values"]["beta"])
+        assert [p["step"] for p in result["curve"]] == [0, 1]
+        start, end = (p["heldout_kl"] for p in result["curve"])
+        assert result["final"]["heldout_kl_gap_closed"] == pytest.approx(1 - end / start)
+        assert result["final"]["step"] == 1 and result["final"]["train_min"] > 0
+        assert (result["final"]["tokens_generated"] > 0) == (result["values"]["lmbda"] == "1")
+        assert result["commands"]["train"].endswith(f"--output_dir {root / name}")
+    summary = (root / "results" / "summary.md").read_text().splitlines()
+    assert summary[0].startswith("| lmbda | beta | seeds | steps | held-out KL | KL gap closed |")
+    assert len([line for line in summary if line.startswith("| 0 |") or line.startswith("| 1 |")]) == 4
+    for plot in ("curves_step.png", "curves_time.png", "final_vs_lmbda.png", "final_vs_beta.png"):
+        assert (root / "results" / plot).stat().st_size > 0
+
+    # The same command again: every run is complete, nothing retrains.
+    before = checkpoint_times(root)
+    assert len(before) == 4
+    assert sweep.main(argv) == 0
+    assert checkpoint_times(root) == before
+
+
+def test_interrupted_runs_resume_and_the_committed_results_summarize_alone(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                           capsys):
+    root = tmp_path / "sweep"
+    # --stop-after 1 of 2 steps: each invocation of the sweep does one step of each run (a time box)
+    argv = ["--grid", "lmbda=0.5", "--root", str(root), "--launcher", sys.executable,
+            "--eval", "--tasks '' --no-perplexity --embedded --limit 4", "--",
+            *train_flags(tiny_checkpoint, chat_dataset, "--max-steps", "2", "--stop-after", "1")]
+    assert sweep.main(argv) == 0
+    assert [p.name for p in root.glob("*/checkpoint-*")] == ["checkpoint-1"]
+    capsys.readouterr()
+    assert sweep.main([*argv[:argv.index("--")], "--dry-run", *argv[argv.index("--"):]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and " --resume " in printed[0] and " && python " in printed[0]
+
+    assert sweep.main(argv) == 0
+    results = results_in(root / "results")
+    assert list(results) == ["lmbda0.5_seed42"]
+    for name, result in results.items():
+        assert [p["step"] for p in result["curve"]] == [0, 1, 2] and result["final"]["step"] == 2
+        assert train.latest_checkpoint(root / name).name == "checkpoint-2"
+        # evaluated again after the resumption: the row is the final checkpoint's
+        assert list(json.loads((root / name / "eval" / "results.json").read_text())["rows"]) == [
+            "teacher", "ptq", f"{name}/checkpoint-2"]
+        assert set(result["eval"]["rows"]) == {"teacher", "ptq", "student"}
+        assert result["final"]["teacher_nll_of_student"] == result["eval"]["rows"]["student"]["teacher_nll_of_student"]
+    runs = sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, train_flags(tiny_checkpoint, chat_dataset,
+                                                                        "--max-steps", "2"), root)
+    assert [r["action"] for r in runs] == ["done"]
+
+    committed = tmp_path / "committed"
+    shutil.copytree(root / "results", committed)
+    summary = (committed / "summary.md").read_text()
+    (committed / "summary.md").unlink()
+    shutil.rmtree(root)
+    assert sweep.main(["--summarize", str(committed)]) == 0
+    assert (committed / "summary.md").read_text() == summary
+
+
+def test_summary_gives_mean_and_spread_over_seeds_per_setting():
+    def result(lmbda, seed, kl):
+        return {"name": f"lmbda{lmbda}_seed{seed}", "values": {"lmbda": lmbda, "seed": seed}, "curve": [],
+                "final": {"step": 5, "heldout_kl": kl, "heldout_kl_gap_closed": 1 - kl / 0.5}}
+
+    text, table = sweep.summarize([result("0", 42, 0.2), result("0", 43, 0.3), result("1", 42, 0.25)])
+    rows = [line for line in text.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert rows[0].startswith("| 0 | 2 | 5 | 0.2500 ± 0.0707 | 50.0% ± 14.1% |")
+    assert rows[1].startswith("| 1 | 1 | 5 | 0.2500 | 50.0% |")
+    assert table[0]["heldout_kl"] == {"mean": pytest.approx(0.25), "spread": pytest.approx(0.0707, abs=1e-4),
+                                      "n": 2}
+
+
+def test_final_metrics_take_the_curve_and_close_each_gap_against_teacher_and_ptq():
+    curve = [{"step": 0, "train_s": 0.0, "tokens_generated": 0, "heldout_kl": 0.5, "heldout_kl_gap_closed": 0.0},
+             {"step": 10, "train_s": 120.0, "tokens_generated": 640, "heldout_kl": 0.1, "heldout_kl_gap_closed": 0.8}]
+    rows = {"teacher": {"arc_easy": {"acc": 0.5, "acc_stderr": 0.03}, "mmlu": {"acc": 0.3, "acc_stderr": 0.04},
+                        "ppl": 30.0, "heldout_kl": 0.0, "teacher_nll_of_student": 0.6},
+            "ptq": {"arc_easy": {"acc": 0.4, "acc_stderr": 0.03}, "mmlu": {"acc": 0.2, "acc_stderr": 0.04},
+                    "ppl": 50.0, "heldout_kl": 0.5, "teacher_nll_of_student": 1.0},
+            "student": {"arc_easy": {"acc": 0.45, "acc_stderr": 0.03}, "mmlu": {"acc": 0.3, "acc_stderr": 0.04},
+                        "ppl": 40.0, "heldout_kl": 0.1, "teacher_nll_of_student": 0.7}}
+    final = sweep.final_metrics(curve, {"tasks": ["arc_easy", "mmlu"], "limit": 10, "rows": rows})
+    assert final["step"] == 10 and final["train_min"] == 2.0 and final["tokens_generated"] == 640
+    assert (final["heldout_kl"], final["heldout_kl_gap_closed"]) == (0.1, 0.8)
+    assert final["bench_avg"] == pytest.approx(0.375) and final["bench_gap_closed"] == pytest.approx(0.75)
+    assert final["bench_avg_stderr"] == pytest.approx((0.03 ** 2 + 0.04 ** 2) ** 0.5 / 2)
+    assert final["ppl_gap_closed"] == pytest.approx(0.5) and final["teacher_nll_gap_closed"] == pytest.approx(0.75)
+
+
+def test_dry_run_prints_one_command_per_run_with_the_launcher(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    root = tmp_path / "sweep"
+    assert sweep.main(["--grid", "lr=1e-5,1e-4", "quant_type=mxfp4", "--seeds", "2", "--root", str(root),
+                       "--dry-run", "--launcher", "accelerate launch --num_processes 8", "--",
+                       *train_flags(tiny_checkpoint, chat_dataset)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = ["lr1e-05_mxfp4_seed42", "lr1e-05_mxfp4_seed43", "lr0.0001_mxfp4_seed42", "lr0.0001_mxfp4_seed43"]
+    assert len(lines) == 4
+    for line, name in zip(lines, names):
+        assert line.startswith("accelerate launch --num_processes 8 ") and " train.py " in line
+        assert line.endswith(f"--seed {name[-2:]} --output_dir {root / name}")
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("grid, extra, message", [
+    (["nosuch=1,2"], [], "--grid key 'nosuch' is not a train.py flag"),
+    (["lmbda="], [], "--grid key 'lmbda' has no values"),
+    (["lmbda=0,2"], [], "run lmbda2_seed42: --lmbda must be in [0, 1]"),
+    (["output_dir=a,b"], [], "is set by the sweep for each run"),
+    (["lmbda=0"], ["--output-dir", "x"], "--output-dir after -- is set by the sweep"),
+    (["lmbda=0"], ["--no-such-flag", "1"], "train.py flags after --: unrecognized arguments: --no-such-flag"),
+])
+def test_bad_input_is_one_line_and_launches_nothing(tmp_path, capsys, grid, extra, message):
+    root = tmp_path / "sweep"
+    assert sweep.main(["--grid", *grid, "--root", str(root), "--", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not root.exists()
+
+
+def test_a_run_directory_with_another_configuration_is_refused(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    existing = root / "lmbda0_seed42"
+    existing.mkdir(parents=True)
+    other = train.parse_config(["--lmbda", "0", "--beta", "0.9", "--output_dir", str(existing)])
+    (existing / "run_config.json").write_text(json.dumps(train.run_config_dict(other)))
+    assert sweep.main(["--grid", "lmbda=0", "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{existing} holds a run with a different configuration (beta)" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["lmbda0_seed42"]
