@@ -197,15 +197,26 @@ def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot
 
 # ---------------------------------------------------------------- models to evaluate
 
+EXPORT_KEY = "qakd_quantization"  # export.py's record of the student's settings
+
+
 def load_student(checkpoint: Path):
-    """A saved student rebuilt with its recorded quantization (what deploys)."""
+    """A saved student rebuilt with its recorded quantization (what deploys), or a
+    compressed-tensors export of one, loaded as it ships."""
     from models import load_model
     from quant import CONFIG_KEY, quantize_model_from_settings
 
     if not (checkpoint / "config.json").exists():
         raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
                         f"or a run directory that holds one")
-    settings = json.loads((checkpoint / "config.json").read_text()).get(CONFIG_KEY)
+    config = json.loads((checkpoint / "config.json").read_text())
+    if EXPORT_KEY in config:  # export.py's compressed-tensors directory: the 4-bit weights as they ship
+        from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+        model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
+            checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+        return model.eval(), AutoTokenizer.from_pretrained(checkpoint), config[EXPORT_KEY]
+    settings = config.get(CONFIG_KEY)
     if not settings:
         raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
                         f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")

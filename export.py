@@ -1,0 +1,388 @@
+"""Export a trained student as a real 4-bit checkpoint that serving engines load.
+
+    uv run python export.py dump/run --format compressed-tensors --out dump/run_ct
+    uv run python export.py dump/run/checkpoint-100 --format gguf --out dump/run_gguf
+
+* ``compressed-tensors`` (llm-compressor's format; vLLM and transformers load it): every
+  fake-quantized linear layer stored packed with its scales, the rest as trained, a
+  ``quantization_config`` naming the scheme per layer group, the tokenizer and generation
+  config beside it. MXFP4 -> ``mxfp4-pack-quantized`` (E2M1 codes two per byte, E8M0 scale
+  bytes); ``int4_sym`` -> ``pack-quantized`` W4A16 (symmetric, group-wise). The
+  compressed-tensors package packs the weights from the scales the student trained with,
+  so both export exactly (an ``rceil`` MXFP4 student too: scales are scales). ``int4``
+  (asymmetric with a float zero point, torchao's numerics) is refused: compressed-tensors
+  stores integer zero points and would compute a different function.
+* ``gguf`` (llama.cpp): the whole model in one file, linear weights as GGML MXFP4 blocks
+  written here from the trained exponents (gguf-py's quantizer would recompute them),
+  everything else float32. MXFP4 students of the Llama and Qwen3 architectures.
+
+The export is written to a temporary directory and renamed into place: an interrupted or
+refused export leaves nothing behind. ``eval.py`` takes the exported directory as a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("export")
+
+FORMATS = ("compressed-tensors", "gguf")
+GGUF_FILE = "model.gguf"
+GGUF_ARCHITECTURES = {"llama": "LLAMA", "qwen3": "QWEN3"}
+# llama.cpp's pre-tokenizer names for tokenizers built from a Hugging Face directory.
+GGUF_PRE_TOKENIZERS = {"qwen3": "qwen2", "qwen2": "qwen2"}
+
+
+class ExportError(Exception):
+    """Bad input: one line, nothing written."""
+
+
+# ---------------------------------------------------------------- the student's quantized layers
+
+def quantized_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    from quant import FakeQuantLinear
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+
+
+def mxfp4_parts(weight: torch.Tensor, scale_rule: str):
+    """(dequantized weight, power-of-two scales [out, in/32] float32, E2M1 codes [out, in/2],
+    E8M0 bytes [out, in/32]) of a latent weight: exactly what the student computes with."""
+    from quant import E8M0_BIAS, pack_mxfp4, unpack_mxfp4
+
+    codes, exponents = pack_mxfp4(weight.detach().float(), scale_rule)
+    if bool((exponents == 0xFF).any()):
+        raise ExportError("a latent weight holds NaN or Inf (MXFP4 scale byte 0xFF); the checkpoint is broken")
+    scales = torch.ldexp(torch.ones(exponents.shape), exponents.to(torch.int32) - E8M0_BIAS)
+    return unpack_mxfp4(codes, exponents), scales, codes, exponents
+
+
+def check_exportable(settings: dict, export_format: str) -> None:
+    quant_type = settings.get("quant_type")
+    if quant_type == "int4":
+        raise ExportError("--quant-type int4 students (asymmetric, float zero point: torchao's numerics) cannot be "
+                          "stored exactly in compressed-tensors (integer zero points) or GGUF; train with "
+                          "--quant-type int4_sym or mxfp4 to ship the function you trained")
+    if export_format == "gguf" and quant_type != "mxfp4":
+        raise ExportError(f"--format gguf writes MXFP4 blocks; this student is {quant_type} "
+                          f"(use --format compressed-tensors)")
+    if quant_type not in ("mxfp4", "int4_sym"):
+        raise ExportError(f"quantization {quant_type!r} has no 4-bit export")
+
+
+# ---------------------------------------------------------------- compressed-tensors
+
+def compressed_tensors_scheme(quant_type: str, group_size: int, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if quant_type == "mxfp4":
+        weights = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="group", group_size=32,
+                                   scale_dtype=torch.uint8)
+    else:
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return QuantizationScheme(targets=targets, weights=weights)
+
+
+def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
+    """(state dict with packed linear layers, quantization_config) of a student."""
+    from compressed_tensors.compressors import MXFP4PackedCompressor, PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    from quant import pack_int4
+
+    quant_type = settings["quant_type"]
+    layers = quantized_layers(student)
+    packed, groups = {}, {}
+    for name, layer in layers:
+        weight = layer.weight.detach().float()
+        group = 32 if quant_type == "mxfp4" else layer.group_size
+        groups.setdefault(group, []).append(name)
+        scheme = compressed_tensors_scheme(quant_type, group, [name])
+        if quant_type == "mxfp4":
+            dequantized, scales, _, _ = mxfp4_parts(weight, layer.scale_rule)
+            tensors = MXFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": scales}, scheme)
+        else:
+            _, scale, _ = pack_int4(weight, group, symmetric=True)
+            dequantized = layer.quantized_weight().detach().float()
+            tensors = PackedQuantizationCompressor.compress({"weight": dequantized, "weight_scale": scale}, scheme)
+        for key, value in tensors.items():
+            packed[f"{name}.{key}"] = value.contiguous()
+        if layer.bias is not None:
+            packed[f"{name}.bias"] = layer.bias.detach().contiguous()
+    quantized = {name for name, _ in layers}
+    tied = getattr(student.config, "tie_word_embeddings", False)
+    for key, value in student.state_dict().items():
+        module = key.rpartition(".")[0]
+        if module in quantized or (tied and key == "lm_head.weight"):
+            continue
+        packed[key] = value.detach().contiguous()
+    # One config group per group size; its targets are the exact layer names.
+    config = QuantizationConfig(
+        config_groups={f"group_{i}": compressed_tensors_scheme(quant_type, group, sorted(names))
+                       for i, (group, names) in enumerate(sorted(groups.items()))},
+        format="mxfp4-pack-quantized" if quant_type == "mxfp4" else "pack-quantized",
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=sorted(name for name, m in student.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name not in quantized))
+    return packed, config.to_dict()
+
+
+def write_compressed_tensors(student, tokenizer, settings: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from eval import EXPORT_KEY
+    from quant import CONFIG_KEY
+
+    state_dict, quantization_config = compressed_tensors_export(student, settings)
+    config = student.config
+    saved_settings = getattr(config, CONFIG_KEY, None)
+    try:
+        if hasattr(config, CONFIG_KEY):
+            delattr(config, CONFIG_KEY)
+        config.quantization_config = quantization_config
+        setattr(config, EXPORT_KEY, settings)
+        config.save_pretrained(out)
+    finally:
+        del config.quantization_config
+        delattr(config, EXPORT_KEY)
+        if saved_settings is not None:
+            setattr(config, CONFIG_KEY, saved_settings)
+    save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
+    if student.generation_config is not None:
+        student.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ---------------------------------------------------------------- GGUF
+
+def gguf_mxfp4_blocks(codes: torch.Tensor, exponents: torch.Tensor) -> np.ndarray:
+    """GGML MXFP4 rows [out, in/32 * 17]: per block the E8M0 byte, then 16 bytes holding
+    element j in the low nibble and element j + 16 in the high one."""
+    from quant import _unpack_nibbles
+
+    nibbles = _unpack_nibbles(codes).reshape(*exponents.shape, 32)
+    packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)
+    blocks = torch.cat([exponents.unsqueeze(-1), packed], dim=-1)
+    return blocks.reshape(exponents.shape[0], -1).numpy()
+
+
+def _rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for Llama q/k projections (interleaved rotary halves)."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def _source_gguf(run_config: dict) -> Path | None:
+    """The GGUF file the teacher came from (the embedded model, or a .gguf --model)."""
+    from models import embedded_gguf_path
+
+    if not run_config:
+        return None
+    model = run_config.get("model")
+    if model is None:
+        return embedded_gguf_path()
+    return Path(model) if str(model).endswith(".gguf") else None
+
+
+def _add_tokenizer(writer, tokenizer, config, source: Path | None) -> None:
+    import gguf
+
+    if source is not None:  # copy the tokenizer the teacher was converted from, field for field
+        reader = gguf.GGUFReader(source)
+        for field in reader.fields.values():
+            if field.name.startswith("tokenizer."):
+                value = field.contents()
+                value_type = field.types[0]
+                sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or json.loads(backend.to_str())["model"]["type"] != "BPE":
+        raise ExportError("--format gguf: only byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) are written from a "
+                          "Hugging Face directory")
+    vocab = tokenizer.get_vocab()
+    tokens = [""] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    writer.add_tokenizer_model("gpt2")
+    pre = GGUF_PRE_TOKENIZERS.get(config.model_type)
+    if pre is None:
+        log.warning("no llama.cpp pre-tokenizer known for %s; writing 'default'", config.model_type)
+    writer.add_tokenizer_pre(pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    merges = json.loads(backend.to_str())["model"].get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for name, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                           ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{name}_token_id")(token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(student, tokenizer, settings: dict, run_config: dict, out: Path) -> None:
+    import gguf
+
+    config = student.config
+    arch_name = GGUF_ARCHITECTURES.get(config.model_type)
+    if arch_name is None:
+        raise ExportError(f"--format gguf supports {', '.join(GGUF_ARCHITECTURES)} models; this one is "
+                          f"{config.model_type} (use --format compressed-tensors)")
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(out / GGUF_FILE, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(run_config.get("output_dir") or "student").name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_string("qakd.quantization", json.dumps(settings))
+    _add_tokenizer(writer, tokenizer, config, _source_gguf(run_config))
+
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    layers = dict(quantized_layers(student))
+    tied = getattr(config, "tie_word_embeddings", False)
+    for key, value in student.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"--format gguf: no GGUF name for tensor {key}")
+        module, _, kind = key.rpartition(".")
+        permute_heads = None
+        if arch_name == "LLAMA" and kind == "weight" and module.endswith(("q_proj", "k_proj")):
+            permute_heads = config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads
+        if module in layers and kind == "weight":
+            _, _, codes, exponents = mxfp4_parts(value, layers[module].scale_rule)
+            blocks = gguf_mxfp4_blocks(codes, exponents)
+            if permute_heads:
+                blocks = _rope_permute(blocks, permute_heads)
+            writer.add_tensor(name, np.ascontiguousarray(blocks), raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+        else:
+            array = value.detach().float().numpy()
+            if permute_heads:
+                array = _rope_permute(array, permute_heads)
+            writer.add_tensor(name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---------------------------------------------------------------- sizes and main
+
+def linear_bits_per_parameter(out: Path, export_format: str) -> float | None:
+    """Bits per quantized linear weight on disk: packed codes plus scales."""
+    if export_format == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(out / GGUF_FILE)
+        quantized = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.MXFP4]
+        return 8 * sum(int(t.n_bytes) for t in quantized) / sum(int(t.n_elements) for t in quantized) \
+            if quantized else None
+    from safetensors import safe_open
+
+    packed_bytes = elements = 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        for key in keys:
+            if key.endswith(".weight_packed"):
+                module = key[: -len(".weight_packed")]
+                packed = f.get_tensor(key)
+                scale = f.get_tensor(module + ".weight_scale")
+                packed_bytes += packed.numel() * packed.element_size() + scale.numel() * scale.element_size()
+                shape = (f.get_tensor(module + ".weight_shape").tolist() if module + ".weight_shape" in keys
+                         else [packed.shape[0], packed.shape[1] * 2])
+                elements += shape[0] * shape[1]
+    return 8 * packed_bytes / elements if elements else None
+
+
+def directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint-N directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the directory to write (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p
+
+
+def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool = False) -> Path:
+    from eval import EvalError, load_student, resolve_checkpoint
+    from quant import CONFIG_KEY
+
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
+    try:
+        checkpoint = resolve_checkpoint(checkpoint_path)
+        settings = json.loads((checkpoint / "config.json").read_text()).get(CONFIG_KEY)
+        if not settings:
+            raise ExportError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); export "
+                              f"takes a student checkpoint saved by train.py")
+        check_exportable(settings, export_format)
+        student, tokenizer, settings = load_student(checkpoint)
+    except EvalError as e:
+        raise ExportError(str(e)) from None
+    run_config_file = checkpoint / "run_config.json"
+    run_config = json.loads(run_config_file.read_text()) if run_config_file.exists() else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        with torch.no_grad():
+            if export_format == "compressed-tensors":
+                write_compressed_tensors(student, tokenizer, settings, staging)
+            else:
+                write_gguf(student, tokenizer, settings, run_config, staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    weights = (out / ("model.safetensors" if export_format == "compressed-tensors" else GGUF_FILE)).stat().st_size
+    latent = (checkpoint / "model.safetensors").stat().st_size
+    bits = linear_bits_per_parameter(out, export_format)
+    print(f"wrote {out} ({export_format}, {settings['quant_type']}): weights {weights / 2**20:.1f} MiB, "
+          f"{weights / latent:.3f}x the latent checkpoint's {latent / 2**20:.1f} MiB (directory "
+          f"{directory_size(out) / 2**20:.1f} MiB); quantized linear weights {bits:.2f} bits per parameter")
+    return out
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        export(args.checkpoint, args.format, Path(args.out), args.overwrite)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""export.py: the exported 4-bit checkpoints compute what the student computed, read back by
+the loaders users use (transformers + compressed-tensors, gguf-py, transformers' GGUF path)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+import eval as evaluation
+import export
+from quant import FakeQuantLinear, fake_quantize, quantize_model
+
+
+def make_student(path: Path, tokenizer, arch="llama", quant_type="mxfp4", scale_rule="floor", group_size=None,
+                 **overrides):
+    """A saved tiny student whose latent weights have moved off the teacher's."""
+    model = tiny_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    quantize_model(model, quant_type, group_size, scale_rule=scale_rule)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def student_of(checkpoint: Path):
+    return evaluation.load_student(checkpoint)[0]
+
+
+def prompts(vocab: int, seed=0):
+    return torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_logits(a, b, ids):
+    with torch.no_grad():
+        x, y = a(ids).logits, b(ids).logits
+    assert (x - y).abs().max().item() <= 1e-5 * x.abs().max().item()
+
+
+def load_compressed(out: Path, dequantize: bool):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **extra).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("quant_type, scale_rule", [("mxfp4", "floor"), ("mxfp4", "rceil"), ("int4_sym", "floor")])
+def test_compressed_tensors_export_is_the_students_function(tmp_path, embedded_tokenizer, arch, quant_type,
+                                                            scale_rule, capsys):
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, arch, quant_type, scale_rule)
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    quantization = config["quantization_config"]
+    assert quantization["quant_method"] == "compressed-tensors" and quantization["quantization_status"] == "compressed"
+    assert quantization["format"] == {"mxfp4": "mxfp4-pack-quantized", "int4_sym": "pack-quantized"}[quant_type]
+    student = student_of(checkpoint)
+    layers = dict(export.quantized_layers(student))
+    targets = [t for group in quantization["config_groups"].values() for t in group["targets"]]
+    assert sorted(targets) == sorted(layers) and quantization["ignore"] == ["lm_head"]
+    for group in quantization["config_groups"].values():
+        weights = group["weights"]
+        assert (weights["num_bits"], weights["symmetric"], weights["strategy"]) == (4, True, "group")
+        assert weights["type"] == ("float" if quant_type == "mxfp4" else "int")
+    assert "fake_quant" not in config and config["qakd_quantization"]["quant_type"] == quant_type
+    assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
+    assert "4.25 bits per parameter" in capsys.readouterr().out if quant_type == "mxfp4" else True
+
+    # Unpacked by compressed-tensors, not by our code: every linear weight is the student's
+    # quantized weight bit for bit, and the logits agree.
+    loaded = load_compressed(out, dequantize=True)
+    for name, layer in layers.items():
+        expected = fake_quantize(layer.weight.detach(), quant_type, layer.group_size, scale_rule)
+        assert torch.equal(loaded.get_submodule(name).weight.detach().float(), expected), name
+    ids = prompts(len(embedded_tokenizer))
+    assert_same_logits(student, loaded, ids)
+    if quant_type == "int4_sym":  # also the compressed layout that serving engines run from
+        assert_same_logits(student, load_compressed(out, dequantize=False), ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gguf_export_dequantizes_bit_for_bit_and_loads_in_transformers(tmp_path, embedded_tokenizer, arch):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    # transformers' GGUF reader takes Qwen3's head_dim as 128 whatever the file says: so be it here
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, arch, "mxfp4",
+                              **({"head_dim": 128} if arch == "qwen3" else {}))
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "gguf", "--out", str(out)]) == 0
+    student = student_of(checkpoint)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, export.GGUF_ARCHITECTURES[arch]),
+                                     student.config.num_hidden_layers)
+    by_gguf_name = {names.get_name(f"{name}.weight", try_suffixes=(".weight",)): (name, layer)
+                    for name, layer in export.quantized_layers(student)}
+    reader = gguf.GGUFReader(out / export.GGUF_FILE)
+    quantized = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.MXFP4]
+    assert sorted(t.name for t in quantized) == sorted(by_gguf_name)
+    config = student.config
+    for tensor in quantized:
+        name, layer = by_gguf_name[tensor.name]
+        # gguf-py's own dequantizer against the student's quantized weight
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        expected = fake_quantize(layer.weight.detach(), "mxfp4").numpy()
+        if arch == "llama" and name.endswith(("q_proj", "k_proj")):  # llama.cpp's rotary row order
+            heads = config.num_attention_heads if name.endswith("q_proj") else config.num_key_value_heads
+            expected = export._rope_permute(expected, heads)
+        assert values.shape == expected.shape and np.array_equal(values, expected)  # -0.0 == 0.0
+    assert json.loads(reader.fields["qakd.quantization"].contents())["quant_type"] == "mxfp4"
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=export.GGUF_FILE, dtype=torch.float32).eval()
+    assert_same_logits(student, loaded, prompts(len(embedded_tokenizer)))
+
+
+def test_eval_takes_the_export_as_a_row(tmp_path, embedded_tokenizer, monkeypatch):
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "mxfp4")
+    (checkpoint / "run_config.json").write_text(json.dumps({"model": str(checkpoint)}))  # teacher: itself
+    out = tmp_path / "shipped"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    assert evaluation.main([str(checkpoint), str(out), "--tasks", "", "--no-perplexity", "--embedded", "--limit", "4",
+                            "--output-dir", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "ptq", "student", "shipped"]
+    assert rows["shipped"]["embedded"] == pytest.approx(rows["student"]["embedded"], rel=1e-5)
+
+
+@pytest.mark.parametrize("quant_type, export_format, message", [
+    ("int4", "compressed-tensors", "--quant-type int4 students (asymmetric, float zero point"),
+    ("int4", "gguf", "--quant-type int4 students (asymmetric, float zero point"),
+    ("int4_sym", "gguf", "--format gguf writes MXFP4 blocks; this student is int4_sym"),
+])
+def test_a_format_that_cannot_hold_the_student_is_refused(tmp_path, embedded_tokenizer, capsys, quant_type,
+                                                          export_format, message):
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", quant_type, group_size=32)
+    capsys.readouterr()
+    assert export.main([str(checkpoint), "--format", export_format, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["student"]  # nothing written, no staging left
+
+
+def test_unquantized_checkpoint_and_existing_output_are_refused(tmp_path, embedded_tokenizer, tiny_checkpoint,
+                                                                capsys):
+    assert export.main([str(tiny_checkpoint), "--format", "gguf", "--out", str(tmp_path / "out")]) == 2
+    assert "has no quantization settings ('fake_quant' in config.json)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert export.main([str(checkpoint), "--format", "gguf", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out {existing} already exists; pass --overwrite" in err and len(err.splitlines()) == 1
+    assert os.listdir(existing) == ["keep.txt"]
+    assert export.main([str(checkpoint), "--format", "gguf", "--out", str(existing), "--overwrite"]) == 0
+    assert os.listdir(existing) == [export.GGUF_FILE]
+    assert sorted(os.listdir(tmp_path)) == ["existing", "student"]
+
+
+@pytest.mark.slow
+def test_the_embedded_model_exports_to_both_formats_with_its_logits(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from models import load_model
+
+    teacher, tokenizer = load_model(None)
+    student = evaluation.ptq_baseline(teacher, {"quant_type": "mxfp4"})
+    del teacher
+    checkpoint = tmp_path / "checkpoint-0"
+    student.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    (checkpoint / "run_config.json").write_text(json.dumps({"model": None}))  # the embedded teacher
+    ids = prompts(len(tokenizer), seed=1)[:2, :16]
+    for export_format in export.FORMATS:
+        out = tmp_path / export_format
+        assert export.main([str(checkpoint), "--format", export_format, "--out", str(out)]) == 0
+        if export_format == "gguf":
+            loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=export.GGUF_FILE, dtype=torch.float32)
+        else:
+            loaded = load_compressed(out, dequantize=True)
+        assert_same_logits(student, loaded.eval(), ids)
+        del loaded
+    assert isinstance(student.model.layers[0].mlp.up_proj, FakeQuantLinear)
