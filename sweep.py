@@ -7,8 +7,8 @@
 Every run is ``train.py [flags after --] --KEY VALUE ... --seed S --output_dir ROOT/NAME``
 with NAME built from the swept values and the seed (``lmbda0.5_beta0_lr1e-05_seed42``). All
 runs are validated before any starts. A finished run is skipped, an interrupted one
-resumed (``--resume``); runs go one after another here, and ``--dry-run`` prints them one
-command per line for a cluster scheduler. ``--eval "FLAGS"`` runs eval.py on each finished
+resumed (``--resume``); runs go one after another here, and ``--dry-run`` prints those left to
+run, one command per line, for a cluster scheduler. ``--eval "FLAGS"`` runs eval.py on each finished
 run (teacher and ptq rows come from eval.py's cache after the first).
 
 Each run leaves ``RESULTS/NAME.json`` (small: settings, learning curve, final metrics,
@@ -89,10 +89,13 @@ def _flag_name(token: str) -> str | None:
     return token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
 
 
-def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], root: Path) -> list[dict]:
+def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], root: Path,
+              results_dir: Path | None = None) -> list[dict]:
     """Every run of the grid with its train.py arguments, validated by train.py's own parser,
-    and what to do with it: 'train', 'resume' or 'done'. Raises SweepError on the first
-    run train.py would refuse or whose directory holds a different configuration."""
+    and what to do with it: 'train', 'resume', 'done', or 'recorded' (no run directory here,
+    but a finished result of the same configuration in ``results_dir``: another machine or
+    session ran it). Raises SweepError on the first run train.py would refuse or whose
+    directory or result holds a different configuration."""
     import itertools
 
     import train
@@ -128,15 +131,23 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
             if model and not Path(model).exists() and (model.endswith(".gguf") or model.startswith((".", "/"))):
                 raise SweepError(f"run {name}: model path {model!r} does not exist")
             runs.append({"name": name, "values": {**values, "seed": seed_number}, "argv": argv, "config": config,
-                         "output_dir": output_dir, "action": run_action(config, output_dir)})
+                         "output_dir": output_dir,
+                         "action": run_action(config, output_dir, results_dir and results_dir / f"{name}.json")})
     return runs
 
 
-def run_action(config, output_dir: Path) -> str:
+def run_action(config, output_dir: Path, result_file: Path | None = None) -> str:
     import train
 
     if not output_dir.exists() or not any(output_dir.iterdir()):
-        return "train"
+        if result_file is None or not result_file.exists():
+            return "train"
+        recorded = json.loads(result_file.read_text())
+        differ = train.config_differences(recorded["config"], config)
+        if differ:
+            raise SweepError(f"{result_file} records a run with a different configuration ({', '.join(differ)}); "
+                             f"remove it or choose another --results")
+        return "recorded" if recorded["final"].get("step", 0) >= config.max_steps else "train"
     saved = output_dir / "run_config.json"
     if saved.exists():
         differ = train.config_differences(json.loads(saved.read_text()), config)
@@ -410,18 +421,22 @@ def sweep(args, train_flags: list[str]) -> int:
             raise SweepError(f"--eval flags {args.eval_flags!r} are not valid eval.py flags") from None
     root = Path(args.root)
     results_dir = Path(args.results) if args.results else root / "results"
-    runs = plan_runs(parse_grid(args.grid), args.seeds, train_flags, root)
-    if args.dry_run:
+    runs = plan_runs(parse_grid(args.grid), args.seeds, train_flags, root, results_dir)
+    if args.dry_run:  # what is left to run
         for run in runs:
+            if run["action"] in ("done", "recorded"):
+                continue
             command = shlex.join(train_command(args.launcher, run))
             if args.eval_flags is not None:
                 command += " && " + shlex.join(eval_command(run, args.eval_flags))
             print(command)
         return 0
-    log.info("%d runs: %d to train, %d to resume, %d done", len(runs), *(
-        sum(r["action"] == a for r in runs) for a in ("train", "resume", "done")))
+    log.info("%d runs: %d to train, %d to resume, %d done, %d recorded in %s", len(runs), *(
+        sum(r["action"] == a for r in runs) for a in ("train", "resume", "done", "recorded")), results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     for i, run in enumerate(runs, 1):
+        if run["action"] == "recorded":  # its result file is all there is here: keep it
+            continue
         if run["action"] != "done":
             log.info("[%d/%d] %s %s", i, len(runs), run["action"], run["name"])
             code = subprocess.run(train_command(args.launcher, run)).returncode

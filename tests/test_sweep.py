@@ -96,6 +96,15 @@ def test_interrupted_runs_resume_and_the_committed_results_summarize_alone(tmp_p
     shutil.rmtree(root)
     assert sweep.main(["--summarize", str(committed)]) == 0
     assert (committed / "summary.md").read_text() == summary
+    # On another machine the committed result stands for the finished run: nothing to redo...
+    flags = train_flags(tiny_checkpoint, chat_dataset, "--max-steps", "2")
+    runs = sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, flags, root, committed)
+    assert [r["action"] for r in runs] == ["recorded"]
+    # ...unless the run asked for is another one
+    assert [r["action"] for r in sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, flags[:-1] + ["3"], root,
+                                                 committed)] == ["train"]
+    with pytest.raises(sweep.SweepError, match="records a run with a different configuration \\(beta\\)"):
+        sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, [*flags, "--beta", "0.9"], root, committed)
 
 
 def test_summary_gives_mean_and_spread_over_seeds_per_setting():
