@@ -1,7 +1,7 @@
 """On-policy distillation of a 4-bit student from its full-precision teacher.
 
     uv run accelerate launch train.py --lmbda 1 --quant-type int4 --output_dir run
-    uv run train.py --config configs/smollm2_int4.toml --max-steps 20
+    uv run accelerate launch train.py --config configs/smollm2_int4_onpolicy.toml --max-steps 20
 
 Each optimizer step is on-policy with probability ``lmbda``: the student (with its
 quantized weights cached, ``quant.frozen_quant``) samples completions for the batch's
