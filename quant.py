@@ -13,7 +13,9 @@ Formats (quantization runs along the last dimension, the reduction dimension of 
   at +-6. ``scale_rule="floor"`` is the spec's e = floor(log2(amax)) - 2 (so magnitudes in
   (6, 8) x scale clip to 6), bit-exact with torchao's ``to_mx(..., FLOOR)``;
   ``scale_rule="rceil"`` is NVIDIA's e = ceil(log2(amax / 6)) used by some deployment
-  kernels (nothing saturates). e is clamped to [-127, 127]; an all-zero block stays zero
+  kernels (nothing saturates); ``scale_rule="mse"`` picks per block whichever of the floor
+  exponent and its two neighbours gives the least squared error (still one E8M0 byte per
+  block: it deploys like the others). e is clamped to [-127, 127]; an all-zero block stays zero
   with scale byte 0. A block holding NaN or +-Inf dequantizes to all NaN (scale byte
   0xFF), so a diverging latent weight fails loudly instead of silently saturating.
   torchao divides by 2^-126 where e = -127 (a denormal-scale workaround) and so differs
@@ -41,7 +43,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("mxfp4", "int4", "int4_sym")
-SCALE_RULES = ("floor", "rceil")
+SCALE_RULES = ("floor", "rceil", "mse")
 MX_BLOCK_SIZE = 32
 INT4_DEFAULT_GROUP_SIZE = 128
 # Tried in order when the INT4 group size is not given explicitly.
@@ -133,8 +135,35 @@ def _mx_exponent(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
 def _mx_quantize(x: torch.Tensor, scale_rule: str):
     """(E2M1 values as float32 in blocks [..., K/32, 32], unbiased exponents [..., K/32, 1])."""
     xb = _blocks(x, MX_BLOCK_SIZE)
-    exponent = _mx_exponent(xb.abs().amax(-1, keepdim=True), scale_rule)
-    scaled = xb * _exp2(-exponent)
+    exponent = _mx_exponent(xb.abs().amax(-1, keepdim=True), "floor" if scale_rule == "mse" else scale_rule)
+    if scale_rule == "mse":
+        return _mx_quantize_mse(xb, exponent)
+    return _e2m1_round(xb * _exp2(-exponent)), exponent
+
+
+def _mx_quantize_mse(xb: torch.Tensor, floor_exponent: torch.Tensor):
+    """Each block's exponent among floor - 1, floor, floor + 1 with the least squared error
+    (summed in float64; ties go to the earlier of floor, floor + 1, floor - 1): the floor
+    rule clips a block's largest values in (6, 8) x scale, a finer or coarser scale may
+    err less. Any per-block exponent is an E8M0 byte, so the result deploys as is."""
+    best_values, best_exponent, best_error = None, None, None
+    finite = floor_exponent != E8M0_NAN - E8M0_BIAS
+    for shift in (0, 1, -1):
+        exponent = torch.where(finite, (floor_exponent + shift).clamp(-E8M0_BIAS, E8M0_BIAS), floor_exponent)
+        values = _e2m1_round(xb * _exp2(-exponent))
+        error = (xb - values * _exp2(exponent)).double().square().sum(-1, keepdim=True)
+        if best_values is None:
+            best_values, best_exponent, best_error = values, exponent, error
+            continue
+        better = error < best_error  # NaN blocks never compare better: they keep the NaN marker
+        best_values = torch.where(better, values, best_values)
+        best_exponent = torch.where(better, exponent, best_exponent)
+        best_error = torch.where(better, error, best_error)
+    return best_values, best_exponent
+
+
+def _e2m1_round(scaled: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value of each element of a fresh tensor (overwritten), saturating at 6."""
     magnitude = scaled.abs()
     # Round half to even onto the E2M1 grid (spacing 0.5 below 2, 1 below 4, 2 above) by
     # adding and subtracting c = spacing * 2^23, whose float32 ulp is the spacing: c has
@@ -143,7 +172,7 @@ def _mx_quantize(x: torch.Tensor, scale_rule: str):
     magic = (magnitude.view(torch.int32) & 0x7F800000).clamp_(min=0x3F800000).add_(22 << 23)
     magic = magic.view(torch.float32)
     magnitude.add_(magic).sub_(magic).clamp_(max=E2M1_MAX)
-    return magnitude.copysign_(scaled), exponent
+    return magnitude.copysign_(scaled)
 
 
 def _mx_dequantize(values: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:

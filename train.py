@@ -58,7 +58,7 @@ class TrainConfig:
     seq_kd: bool = False  # off-policy steps use teacher samples instead of dataset completions
     quant_type: str = "mxfp4"  # mxfp4 | int4 | int4_sym | none
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
-    scale_rule: str = "floor"  # mxfp4: floor (OCP spec) | rceil (NVIDIA)
+    scale_rule: str = "floor"  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per block)
     learning_rate: float = 5e-6
     max_steps: int = 100
     per_device_train_batch_size: int = 4

@@ -53,7 +53,8 @@ def load_compressed(out: Path, dequantize: bool):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("quant_type, scale_rule", [("mxfp4", "floor"), ("mxfp4", "rceil"), ("int4_sym", "floor")])
+@pytest.mark.parametrize("quant_type, scale_rule", [("mxfp4", "floor"), ("mxfp4", "rceil"), ("mxfp4", "mse"),
+                                                      ("int4_sym", "floor")])
 def test_compressed_tensors_export_is_the_students_function(tmp_path, embedded_tokenizer, arch, quant_type,
                                                             scale_rule, capsys):
     checkpoint = make_student(tmp_path / "student", embedded_tokenizer, arch, quant_type, scale_rule)

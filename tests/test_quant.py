@@ -75,6 +75,49 @@ def mxfp4_reference(x, scale_rule="floor"):
     return out.reshape(shape)
 
 
+def mxfp4_reference_at(block: torch.Tensor, e: int) -> torch.Tensor:
+    """float64 E2M1 rounding of one block at the scale 2^e (ties to the even code, saturating)."""
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64)
+    scale = 2.0 ** max(-127, min(127, e))
+    y = (block / scale).abs().clamp(max=6.0)
+    dist = (y[:, None] - grid[None, :]).abs()
+    candidates = dist == dist.min(dim=1, keepdim=True).values
+    even = candidates & (torch.arange(8) % 2 == 0)
+    idx = torch.where(even.any(1), even.float().argmax(1), candidates.float().argmax(1))
+    return grid[idx] * torch.sign(block) * scale
+
+
+def mxfp4_mse_reference(x):
+    """float64: per block the exponent among floor, floor + 1, floor - 1 (ties in that order)
+    with the least squared error."""
+    blocks = x.double().reshape(-1, 32)
+    out = torch.empty_like(blocks)
+    for i, block in enumerate(blocks):
+        amax = block.abs().max().item()
+        if amax == 0:
+            out[i] = 0
+            continue
+        floor = math.floor(math.log2(amax)) - 2
+        options = [mxfp4_reference_at(block, floor + shift) for shift in (0, 1, -1)]
+        errors = [float(((block - o) ** 2).sum()) for o in options]
+        out[i] = options[errors.index(min(errors))]
+    return out.reshape(x.shape)
+
+
+def test_mxfp4_mse_scale_matches_float64_reference_and_never_errs_more_than_floor():
+    g = torch.Generator().manual_seed(5)
+    magnitudes = torch.logspace(-30, 30, 64, base=2).repeat_interleave(32)[:, None]
+    x = torch.cat([torch.randn(64 * 32, 32, generator=g) * magnitudes[: 64 * 32],
+                   torch.randn(256, 32, generator=g).pow(3), torch.zeros(4, 32)])
+    got = fake_quantize(x, "mxfp4", scale_rule="mse")
+    assert torch.equal(got.double(), mxfp4_mse_reference(x))
+    floor_error = (x.double() - fake_quantize(x, "mxfp4").double()).square().sum(-1)
+    mse_error = (x.double() - got.double()).square().sum(-1)
+    assert (mse_error <= floor_error).all() and (mse_error < floor_error).float().mean() > 0.1
+    codes, scales = pack_mxfp4(x, "mse")
+    assert torch.equal(unpack_mxfp4(codes, scales), got)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_rule", ["floor", "rceil"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
