@@ -17,6 +17,7 @@ writing, QA, reasoning, math and code, with responses by the embedded teacher; m
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,26 +40,91 @@ class Example:
 
 
 def load_records(dataset: str | None, split: str = "train") -> list[dict]:
-    """Rows of a dataset as dicts: the embedded set, a local file, or a hub dataset."""
-    import datasets
-
+    """Rows of a dataset as dicts: the embedded set, a local file, or a hub dataset.
+    Every row is checked against its schema: a bad one is an error naming the file and line."""
     name = dataset or EMBEDDED_DATASET
     if name == EMBEDDED_DATASET:
         path = EMBEDDED_DIR / f"{'heldout' if split in ('heldout', 'test', 'validation') else 'train'}.jsonl"
-        return list(datasets.load_dataset("json", data_files=str(path), split="train"))
+        return checked_records(read_json_records(path), lambda i: f"{path} line {i + 1}")
     path = Path(name).expanduser()
     if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.exists():
             raise FileNotFoundError(f"dataset file {name!r} does not exist")
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+        if path.suffix == ".parquet":
+            import datasets
+
+            return checked_records(list(datasets.load_dataset("parquet", data_files=str(path), split="train")),
+                                   lambda i: f"dataset file {path} row {i}")
+        return checked_records(read_json_records(path), lambda i: f"dataset file {path} line {i + 1}"
+                               if path.suffix == ".jsonl" else f"dataset file {path} record {i}")
     if path.exists():
         raise ValueError(f"dataset {name!r}: expected a .json, .jsonl or .parquet file or a hub dataset name")
+    import datasets
+
     try:
-        return list(datasets.load_dataset(name, split=split))
+        records = list(datasets.load_dataset(name, split=split))
     except Exception as e:  # the hub raises many types; all mean "could not get it"
         raise RuntimeError(f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local .jsonl file instead") from e
+    return checked_records(records, lambda i: f"dataset {name} split {split} row {i}")
+
+
+def read_json_records(path: Path) -> list[dict]:
+    """A .jsonl file (one JSON object per line; blank lines skipped) or a .json file holding
+    a list of objects (or JSON lines)."""
+
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"dataset file {path} is empty")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {path} line {e.lineno} is not valid JSON ({e.msg})") from None
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"dataset file {path} record {bad} is not a JSON object")
+        return records
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {path} line {number} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"dataset file {path} line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def _chat_problem(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "a non-empty list of {role, content} messages"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return "a list of messages, each with a string 'role' and a string 'content'"
+    return None
+
+
+def checked_records(records: list[dict], where) -> list[dict]:
+    """The records, each checked against the schema of the first (``where(i)`` names row i)."""
+    if not records:
+        return records
+    schema = detect_schema(records[0])
+    for i, record in enumerate(records):
+        if schema == "messages":
+            field, problem = "messages", _chat_problem(record.get("messages"))
+        elif schema == "prompt/completion":
+            field, problem = next(((f, f"a string or {_chat_problem(record.get(f))}") for f in ("prompt", "completion")
+                                   if not isinstance(record.get(f), str) and _chat_problem(record.get(f))),
+                                  (None, None))
+        else:
+            field, problem = "text", None if isinstance(record.get("text"), str) else "a string"
+        if problem:
+            raise ValueError(f"{where(i)}: '{field}' must be {problem}, got {record.get(field)!r:.60}")
+    return records
 
 
 def detect_schema(record: dict) -> str:

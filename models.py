@@ -118,3 +118,20 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "activation_dropout", "resid_pdrop",
+                       "embd_pdrop", "attn_pdrop")
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in every module and in the config (as TRL's ``disable_dropout_in_model``):
+    distillation compares the two models' distributions, not a random thinning of one."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # read by attention in training mode
+            module.attention_dropout = 0.0
+    for key in DROPOUT_CONFIG_KEYS:
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -68,7 +69,7 @@ class TrainConfig:
     min_completion_tokens: int = 1
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 42
     output_dir: str | None = None  # default: dump/<quant>_lmbda<l>_beta<b>_lr<lr>
     save_steps: int = 0  # checkpoint every N steps (0: only at the end)
@@ -120,8 +121,11 @@ def parse_config(argv=None) -> TrainConfig:
         path = Path(cli["config"])
         if not path.exists():
             raise Abort(f"config file {path} does not exist")
-        with open(path, "rb") as f:
-            values = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        try:
+            with open(path, "rb") as f:
+                values = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        except tomllib.TOMLDecodeError as e:
+            raise Abort(f"config file {path} is not valid TOML ({e})") from None
         unknown = set(values) - {f.name for f in fields(TrainConfig)}
         if unknown:
             raise Abort(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
@@ -160,6 +164,11 @@ def validate(c: TrainConfig) -> None:
         raise Abort(f"--teacher-dtype must be float32, bfloat16 or float16, got {c.teacher_dtype!r}")
     if c.log_with not in ("none", "tensorboard", "wandb"):
         raise Abort(f"--log-with must be none, tensorboard or wandb, got {c.log_with!r}")
+    if c.log_with != "none" and importlib.util.find_spec(c.log_with) is None:
+        raise Abort(f"--log-with {c.log_with} needs the {c.log_with} package, which is not installed: "
+                    f"uv pip install {c.log_with} (or log nothing; metrics.jsonl is always written)")
+    if c.max_grad_norm < 0:
+        raise Abort(f"--max-grad-norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
     if not 0 <= c.warmup_ratio < 1:
         raise Abort(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
 
@@ -241,7 +250,7 @@ def load_teacher_and_student(c: TrainConfig):
     """The frozen teacher, the trainable float32 student (fake-quantized), the tokenizer."""
     import copy
 
-    from models import load_model
+    from models import disable_dropout, load_model
     from quant import quantize_model, quantize_model_from_settings
 
     dtype = getattr(torch, c.teacher_dtype)
@@ -254,6 +263,8 @@ def load_teacher_and_student(c: TrainConfig):
                         f"tokenizers; distillation needs the same vocabulary")
     else:
         student = copy.deepcopy(teacher)
+    disable_dropout(teacher)
+    disable_dropout(student)
     student.requires_grad_(True).train()
     saved_settings = getattr(student.config, "fake_quant", None)
     if saved_settings:  # a saved student: rebuild exactly the quantization it was trained with
@@ -278,7 +289,7 @@ def main(argv=None) -> int:
         c = parse_config(argv)
         c.output_dir = c.output_dir or default_output_dir(c)
         return train(c)
-    except (Abort, FileNotFoundError, ValueError) as e:  # bad input: one line, nothing written
+    except Abort as e:  # bad input: one line, nothing written (a bug keeps its traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -301,12 +312,15 @@ def train(c: TrainConfig) -> int:
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(c.seed)
 
-    teacher, student, tokenizer = load_teacher_and_student(c)
-    need_completions = c.lmbda < 1 and not c.seq_kd
-    examples = prepare_examples(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
-                                c.min_completion_tokens, need_completions=need_completions)
-    eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
-                     if c.eval_steps else [])
+    try:  # models and data the run cannot use are input errors; anything later is a bug
+        teacher, student, tokenizer = load_teacher_and_student(c)
+        need_completions = c.lmbda < 1 and not c.seq_kd
+        examples = prepare_examples(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
+                                    c.min_completion_tokens, need_completions=need_completions)
+        eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
+                         if c.eval_steps else [])
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise Abort(str(e)) from None
 
     decay = [p for p in student.parameters() if p.dim() >= 2]
     no_decay = [p for p in student.parameters() if p.dim() < 2]
@@ -471,19 +485,20 @@ def train(c: TrainConfig) -> int:
                     timings["student_forward_backward_s"] += time.perf_counter() - t0 - teacher_s
                 total_loss += loss.detach()
             total_loss = accelerator.reduce(total_loss, "sum") / world
-            if not torch.isfinite(total_loss):
+            skipped = not torch.isfinite(total_loss)  # the same on every process: reduced
+            if skipped:
                 nonfinite_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
                 log.warning("step %d: non-finite loss (%s), step skipped", step, total_loss.item())
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise Abort(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: training "
                                        f"diverged; lower --learning-rate or check the data")
-                step += 1
-                continue
-            nonfinite_in_a_row = 0
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), c.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                grad_norm = float("nan")
+            else:
+                nonfinite_in_a_row = 0
+                # max_norm inf: the norm is measured, nothing is scaled
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), c.max_grad_norm or float("inf"))
+                optimizer.step()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_this_run += 1
@@ -495,7 +510,7 @@ def train(c: TrainConfig) -> int:
                             "on_policy_fraction": on_policy_steps / steps_this_run,
                             "completion_tokens": int(num_items), "tokens_per_s": int(num_items) / elapsed,
                             "step_s": elapsed, **timings, "train_s": totals["train_s"],
-                            "tokens_generated": totals["tokens_generated"]}
+                            "tokens_generated": totals["tokens_generated"], **({"skipped": True} if skipped else {})}
             if c.eval_steps and (step % c.eval_steps == 0 or step == c.max_steps):
                 last_metrics.update(heldout_eval())
             if metrics_file:
@@ -506,12 +521,14 @@ def train(c: TrainConfig) -> int:
             progress.update(1)
             progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", tok_s=f"{last_metrics['tokens_per_s']:.0f}",
                                  on_policy=f"{last_metrics['on_policy_fraction']:.2f}")
-            stop_now = bool(interrupted) or (c.stop_after and steps_this_run >= c.stop_after)
+            # A signal reaches one process (or some): all of them finish this step and save together.
+            signalled = accelerator.reduce(torch.tensor(len(interrupted), device=accelerator.device), "sum") > 0
+            stop_now = bool(signalled) or (c.stop_after and steps_this_run >= c.stop_after)
             if (c.save_steps and step % c.save_steps == 0) or step == c.max_steps or stop_now:
                 checkpoint = save_checkpoint(accelerator, student, tokenizer, c, step,
                                              {**last_metrics, "heldout_kl_step0": totals["heldout_kl_step0"]})
                 log.info("saved %s", checkpoint)
-            if interrupted:
+            if signalled:
                 raise Interrupted(checkpoint)
             if stop_now:
                 break

@@ -1,9 +1,12 @@
 """data.py: schemas, filtering, and the completion masks that TRL users were bitten by."""
 
+import json
+
 import pytest
 import torch
 
-from data import build_batch, completions_from_generation, detect_schema, left_padded_prompts, prepare_examples
+from data import (build_batch, completions_from_generation, detect_schema, left_padded_prompts, load_records,
+                  prepare_examples)
 
 EOS = 2
 PAD = EOS  # the embedded model pads with its EOS token
@@ -85,3 +88,30 @@ def test_text_schema_splits_into_prompt_and_completion(embedded_tokenizer):
     [example] = prepare_examples([{"text": "one two three four five six seven eight"}], embedded_tokenizer, 64)
     assert example.prompt_ids and example.completion_ids
     assert embedded_tokenizer.decode(example.prompt_ids + example.completion_ids).startswith("one two")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"text": "a"}\n{"text": "b"\n', "bad.jsonl line 2 is not valid JSON"),
+    ("empty.jsonl", "\n\n", "empty.jsonl is empty"),
+    ("list.jsonl", '{"text": "a"}\n[1, 2]\n', "list.jsonl line 2 is not a JSON object"),
+    ("types.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hello"}\n',
+     "types.jsonl line 2: 'messages' must be a non-empty list of {role, content} messages, got 'hello'"),
+    ("content.jsonl", '{"messages": [{"role": "user", "content": 3}]}\n',
+     "content.jsonl line 1: 'messages' must be a list of messages, each with a string 'role' and a string"),
+    ("pc.json", '[{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 7}]',
+     "pc.json record 1: 'completion' must be a string or a non-empty list"),
+    ("text.jsonl", '{"text": "a"}\n{"text": null}\n', "text.jsonl line 2: 'text' must be a string, got None"),
+])
+def test_malformed_dataset_files_are_one_line_naming_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        load_records(str(path))
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_json_and_jsonl_files_read_the_same_records(tmp_path):
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": [{"role": "user", "content": "p2"}], "completion": "c2"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert load_records(str(tmp_path / "a.json")) == load_records(str(tmp_path / "a.jsonl")) == rows

@@ -267,3 +267,105 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, t
 def test_config_presets_parse(preset):
     c = train.parse_config(["--config", str(preset)])
     assert c.quant_type in ("mxfp4", "int4", "int4_sym")
+
+
+def test_max_grad_norm_zero_means_no_clipping(tmp_path, tiny_checkpoint, chat_dataset):
+    runs = {}
+    for name, norm in (("zero", "0"), ("huge", "1e9")):
+        assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / name, "--max-steps", "1", "--lmbda", "0",
+                                    "--warmup-ratio", "0", "--max-grad-norm", norm)) == 0
+        runs[name] = weights(tmp_path / name / "checkpoint-1")
+    assert all(torch.equal(runs["zero"][k], runs["huge"][k]) for k in runs["zero"])
+    teacher = weights(tiny_checkpoint)
+    assert not torch.equal(runs["zero"]["model.layers.0.mlp.up_proj.weight"],
+                           teacher["model.layers.0.mlp.up_proj.weight"])
+    assert metrics(tmp_path / "zero")[0]["grad_norm"] > 0
+
+
+def test_a_non_finite_last_step_still_leaves_the_final_checkpoint(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                  monkeypatch):
+    import losses
+
+    real, calls = losses.fused_linear_jsd_loss, []
+
+    def nan_on_the_second_step(student_hidden, *args, **kwargs):
+        calls.append(1)
+        loss = real(student_hidden, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(losses, "fused_linear_jsd_loss", nan_on_the_second_step)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0")) == 0
+    rows = metrics(out)
+    assert [r.get("skipped", False) for r in rows] == [False, True]
+    assert train.latest_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_a_bug_inside_training_keeps_its_traceback(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch):
+    import losses
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the loss")
+
+    monkeypatch.setattr(losses, "fused_linear_jsd_loss", broken)
+    with pytest.raises(ValueError, match="a bug in the loss"):
+        train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / "run", "--max-steps", "1", "--lmbda", "0"))
+
+
+def test_log_with_a_missing_package_is_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert train.main(["--log-with", "wandb", "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--log-with wandb needs the wandb package, which is not installed" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts(tmp_path, tiny_checkpoint, chat_dataset, caplog):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--resume")) == 0
+    assert f"--resume: {out} holds no run yet, starting from scratch" in caplog.text
+    assert (out / "checkpoint-1").exists()
+
+
+def test_dropout_is_off_in_teacher_and_student(tmp_path, embedded_tokenizer, chat_dataset):
+    from conftest import tiny_model
+
+    path = tmp_path / "dropout_model"
+    tiny_model("llama", vocab_size=len(embedded_tokenizer), attention_dropout=0.5).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    teacher, student, _ = train.load_teacher_and_student(train.parse_config(["--model", str(path)]))
+    ids = torch.randint(0, 100, (2, 12))
+    for model in (teacher.train(), student.train()):
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, model(ids).logits)
+        assert model.config.attention_dropout == 0.0
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path, tiny_checkpoint, chat_dataset):
+    # Rank 1 alone gets SIGTERM during its first step; rank 0 never does.
+    script = tmp_path / "train_signalled.py"
+    script.write_text(f"""import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import losses, train
+real = losses.fused_linear_jsd_loss
+def signalled(*args, **kwargs):
+    if os.environ.get("RANK") == "1" and not os.environ.get("SIGNALLED"):
+        os.environ["SIGNALLED"] = "1"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+losses.fused_linear_jsd_loss = signalled
+sys.exit(train.main(sys.argv[1:]))
+""")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_processes", "2", "--multi_gpu"]
+    result = subprocess.run([*launch, str(script), *tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5",
+                                                              "--lmbda", "0")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stderr.count("interrupted at step 1; checkpoint saved to") == 2, result.stderr[-3000:]
+    assert train.latest_checkpoint(out) == out / "checkpoint-1"
+    assert [r["step"] for r in metrics(out)] == [1]
