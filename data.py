@@ -196,15 +196,16 @@ def prepare_examples(records: list[dict], tokenizer, max_length: int, min_comple
     return examples
 
 
-def completions_from_generation(generated: torch.Tensor, prompt_width: int, eos_token_id: int) -> list[list[int]]:
-    """Per row, the new tokens up to and including the first EOS (later ones dropped).
+def completions_from_generation(generated: torch.Tensor, prompt_width: int, stop_token_ids) -> list[list[int]]:
+    """Per row, the new tokens up to and including the first stop token (any of
+    ``stop_token_ids``, an id or a collection; later tokens dropped).
 
     Works on token positions, so a pad token equal to EOS is not a problem."""
+    stops = {stop_token_ids} if isinstance(stop_token_ids, int) else set(stop_token_ids)
     completions = []
     for row in generated[:, prompt_width:].tolist():
-        if eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        completions.append(row)
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        completions.append(row if end is None else row[: end + 1])
     return completions
 
 

@@ -315,6 +315,7 @@ def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: 
     the KL is 0 and the NLL is the floor of that metric (its own greedy completions)."""
     from data import build_batch, completions_from_generation, left_padded_prompts
     from losses import IGNORE_INDEX
+    from models import sampling
     from quant import frozen_quant
 
     examples = heldout_examples(tokenizer, limit=limit)
@@ -324,9 +325,9 @@ def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: 
         for start in range(0, len(examples), EMBEDDED_BATCH):
             prompts = [e.prompt_ids for e in examples[start:start + EMBEDDED_BATCH]]
             batch = left_padded_prompts(prompts, tokenizer.pad_token_id)
-            generated = student.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                         pad_token_id=tokenizer.pad_token_id)
-            completions = completions_from_generation(generated, batch["input_ids"].shape[1], tokenizer.eos_token_id)
+            with sampling(student, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
+                generated = student.generate(**batch, generation_config=config)
+            completions = completions_from_generation(generated, batch["input_ids"].shape[1], config.eos_token_id)
             scored = build_batch(prompts, completions, tokenizer.pad_token_id, EMBEDDED_MAX_LENGTH + max_new_tokens)
             logits = teacher(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits
             labels = scored["labels"]

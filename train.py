@@ -303,6 +303,7 @@ def train(c: TrainConfig) -> int:
     from data import (build_batch, completions_from_generation, left_padded_prompts, load_records,
                       prepare_examples)
     from eval import heldout_examples, heldout_kl_sums
+    from models import sampling
     from losses import (fused_linear_jsd_loss, generalized_jsd_loss, hidden_states_instead_of_logits,
                         supports_fused_loss)
     from quant import frozen_quant
@@ -375,12 +376,11 @@ def train(c: TrainConfig) -> int:
         torch.manual_seed(seed)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            generated = model.generate(**batch, do_sample=True, temperature=c.temperature, top_k=0, top_p=1.0,
-                                       max_new_tokens=c.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id)
+        with torch.no_grad(), sampling(model, tokenizer, do_sample=True, temperature=c.temperature,
+                                       max_new_tokens=c.max_new_tokens) as config:
+            generated = model.generate(**batch, generation_config=config)
         model.train(was_training)
-        return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], tokenizer.eos_token_id)
+        return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
 
     def loss_sum(batch, num_items):
         """Student forward + loss on one micro-batch (teacher forward inside), timed."""

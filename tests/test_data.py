@@ -115,3 +115,9 @@ def test_json_and_jsonl_files_read_the_same_records(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_records(str(tmp_path / "a.json")) == load_records(str(tmp_path / "a.jsonl")) == rows
+
+
+def test_a_completion_ends_at_the_first_of_any_stop_token():
+    generated = torch.tensor([[9, 9, 5, 7, 3, 8, 7], [9, 9, 5, 6, 6, 6, 6], [9, 9, 8, 7, 4, 4, 4]])
+    assert completions_from_generation(generated, 2, [7, 8]) == [[5, 7], [5, 6, 6, 6, 6], [8]]
+    assert completions_from_generation(generated, 2, 7) == [[5, 7], [5, 6, 6, 6, 6], [8, 7]]

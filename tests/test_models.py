@@ -29,3 +29,23 @@ def test_local_directory_loads_and_missing_paths_are_one_line_errors(tiny_checkp
     with pytest.raises(FileNotFoundError, match="does not exist"):
         models.resolve_model_source("weights/model.gguf")
     assert models.resolve_model_source("Qwen/Qwen3-4B-Instruct-2507") == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+def test_rollouts_stop_at_the_models_end_tokens_and_take_nothing_else_from_its_generation_config(
+        embedded_tokenizer):
+    from conftest import tiny_model
+
+    from models import sampling, stop_token_ids
+
+    model = tiny_model("llama", vocab_size=len(embedded_tokenizer))
+    model.generation_config.update(eos_token_id=[7, 9], repetition_penalty=1.3, top_k=3, top_p=0.5, min_p=0.2,
+                                   no_repeat_ngram_size=2, temperature=0.1, do_sample=False)
+    own = model.generation_config
+    assert stop_token_ids(model, embedded_tokenizer) == sorted({embedded_tokenizer.eos_token_id, 7, 9})
+    with sampling(model, embedded_tokenizer, do_sample=True, temperature=0.9, max_new_tokens=5) as config:
+        used, _ = model._prepare_generation_config(config)  # what generate() will run with
+    assert model.generation_config is own
+    assert (used.do_sample, used.temperature, used.top_k, used.top_p, used.max_new_tokens) == (True, 0.9, 0, 1.0, 5)
+    assert (used.repetition_penalty, used.no_repeat_ngram_size, used.min_p) == (1.0, 0, None)
+    assert sorted(used.eos_token_id) == stop_token_ids(model, embedded_tokenizer)
+    assert used.pad_token_id == embedded_tokenizer.pad_token_id
