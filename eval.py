@@ -319,16 +319,18 @@ def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: 
     from quant import frozen_quant
 
     examples = heldout_examples(tokenizer, limit=limit)
+    device = next(student.parameters()).device
     with frozen_quant(student):  # quantize once, not once per generated token
         kl_sum, tokens_kl = heldout_kl_sums(teacher, student, examples, tokenizer.pad_token_id)
         nll_sum = tokens_nll = 0.0
         for start in range(0, len(examples), EMBEDDED_BATCH):
             prompts = [e.prompt_ids for e in examples[start:start + EMBEDDED_BATCH]]
-            batch = left_padded_prompts(prompts, tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in left_padded_prompts(prompts, tokenizer.pad_token_id).items()}
             with sampling(student, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
                 generated = student.generate(**batch, generation_config=config)
-            completions = completions_from_generation(generated, batch["input_ids"].shape[1], config.eos_token_id)
-            scored = build_batch(prompts, completions, tokenizer.pad_token_id, EMBEDDED_MAX_LENGTH + max_new_tokens)
+            completions = completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
+            scored = {k: v.to(device) for k, v in
+                      build_batch(prompts, completions, tokenizer.pad_token_id, EMBEDDED_MAX_LENGTH + max_new_tokens).items()}
             logits = teacher(input_ids=scored["input_ids"], attention_mask=scored["attention_mask"]).logits
             labels = scored["labels"]
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels,
@@ -457,7 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: <first checkpoint's run>/eval, or eval_results)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired test of row B against row A")
     p.add_argument("--no-cache", "--no_cache", action="store_true", help="re-evaluate teacher and ptq rows")
+    p.add_argument("--device", help="where the models run: cuda when a GPU is visible, else cpu")
     return p
+
+
+def choose_device(requested: str | None, cuda_available: bool) -> torch.device:
+    """The requested device, else the GPU when there is one. Models run there in float32,
+    the precision the student trained in."""
+    if requested is None:
+        return torch.device("cuda" if cuda_available else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not cuda_available:
+        raise EvalError(f"--device {requested}: no CUDA device is visible here; use --device cpu")
+    return device
 
 
 def perplexity_batch_size(batch_size, max_length: int, vocab: int):
@@ -528,6 +542,7 @@ def run(args) -> int:
             folder, splits = LOCAL_DATA[task]
             for split in splits:
                 _require(Path(args.data_dir) / folder / f"{split}.jsonl", task)
+    device = choose_device(args.device, torch.cuda.is_available())
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoints]
     students = [(c, *load_student(c)) for c in checkpoints]  # fail fast on a bad checkpoint
     teacher_source = args.model
@@ -535,7 +550,8 @@ def run(args) -> int:
         run_config = checkpoints[0] / "run_config.json"
         teacher_source = json.loads(run_config.read_text()).get("model") if run_config.exists() else None
     teacher, tokenizer = load_model(teacher_source)
-    teacher.eval()
+    teacher.eval().to(device)
+    log.info("evaluating on %s", device)
     output_dir = Path(args.output_dir) if args.output_dir else (
         checkpoints[0].parent / "eval" if checkpoints else Path("eval_results"))
 
@@ -569,6 +585,7 @@ def run(args) -> int:
             rows[name]["embedded"] = embedded(key, ptq)
         del ptq
     for checkpoint, model, _, _ in students:
+        model.to(device)
         name = checkpoint.parent.name + "/" + checkpoint.name if checkpoint.name.startswith("checkpoint-") \
             else checkpoint.name
         rows[name] = evaluate_row(model, tokenizer, args, tasks)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import eval as evaluation
 
@@ -164,3 +165,31 @@ def test_embedded_eval_is_zero_for_the_teacher_and_positive_for_its_4bit_self(ti
     student = evaluation.ptq_baseline(teacher, {"quant_type": "int4_sym", "group_size": 32})
     quantized = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
     assert quantized["heldout_kl"] > 1e-6
+
+
+@pytest.mark.parametrize("requested, cuda_available, chosen", [
+    (None, True, "cuda"), (None, False, "cpu"), ("cpu", True, "cpu"), ("cuda:1", True, "cuda:1")])
+def test_the_gpu_is_used_when_there_is_one(requested, cuda_available, chosen):
+    assert evaluation.choose_device(requested, cuda_available) == torch.device(chosen)
+
+
+def test_models_are_moved_to_the_chosen_device_and_a_missing_gpu_is_one_line(tmp_path, tiny_student, monkeypatch,
+                                                                             capsys):
+    moved = []
+    real_to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        if isinstance(module, torch.nn.Module) and hasattr(module, "generation_config"):
+            moved.append((type(module).__name__, str(args[0]) if args else str(kwargs.get("device"))))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    monkeypatch.setattr(evaluation, "choose_device", lambda requested, available: torch.device("cpu"))
+    argv = [str(tiny_student), "--tasks", "", "--no-perplexity", "--output-dir", str(tmp_path / "eval")]
+    assert evaluation.main(argv) == 0
+    assert moved.count(("LlamaForCausalLM", "cpu")) == 2  # the teacher and the student
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluation.main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--device cuda: no CUDA device is visible here; use --device cpu")
