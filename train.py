@@ -221,6 +221,24 @@ def check_output_dir(c: TrainConfig) -> Path | None:
     return checkpoint
 
 
+def load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """The Hugging Face layout weights of a checkpoint (one file or shards) into ``model``,
+    exactly; only weights tied to another (lm_head to the embedding) may be absent."""
+    from safetensors.torch import load_file
+
+    index = checkpoint / "model.safetensors.index.json"
+    files = (sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.exists() else [checkpoint / "model.safetensors"])
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise Abort(f"{checkpoint}: its weights do not fit this model (missing {sorted(result.missing_keys)[:3]}, "
+                    f"unexpected {sorted(result.unexpected_keys)[:3]})")
+
+
 def save_checkpoint(accelerator, student, tokenizer, c: TrainConfig, step: int, metrics: dict) -> Path:
     """Write checkpoint-<step> atomically: built in a temporary directory, then renamed."""
     out = Path(c.output_dir)
@@ -331,6 +349,17 @@ def train(c: TrainConfig) -> int:
     # The scheduler stays outside prepare(): accelerate would step it once per process.
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        # One copy of the weights per checkpoint: its Hugging Face layout safetensors, which
+        # resume reads back; accelerate's state keeps the optimizer, scheduler and RNGs.
+        # (FSDP keeps its own sharded copy as well.)
+        accelerator.register_save_state_pre_hook(lambda models, weights, directory: weights.clear())
+
+        def load_student_weights(models, directory):
+            load_checkpoint_weights(accelerator.unwrap_model(student), Path(directory).parent)
+            models.clear()
+
+        accelerator.register_load_state_pre_hook(load_student_weights)
     teacher.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(student)
     fused = (c.fused_loss and accelerator.distributed_type != DistributedType.FSDP

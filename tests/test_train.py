@@ -109,6 +109,10 @@ def test_off_policy_run_writes_metrics_and_a_rebuildable_checkpoint(tmp_path, ti
     assert all(r["completion_tokens"] > 0 and r["loss"] >= 0 for r in rows)
     checkpoint = out / "checkpoint-3"
     assert json.loads((checkpoint / "run_config.json").read_text())["lmbda"] == 0
+    # one copy of the weights: the Hugging Face layout; accelerate's state holds the rest
+    assert not list((checkpoint / "accelerate_state").glob("model*"))
+    assert sum(f.stat().st_size for f in (checkpoint / "accelerate_state").iterdir()) < 3 * (
+        checkpoint / "model.safetensors").stat().st_size
     student = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert student.config.fake_quant["quant_type"] == "int4"
     assert quantize_model_from_settings(student, student.config.fake_quant) == 14
