@@ -373,3 +373,24 @@ sys.exit(train.main(sys.argv[1:]))
     assert result.stderr.count("interrupted at step 1; checkpoint saved to") == 2, result.stderr[-3000:]
     assert train.latest_checkpoint(out) == out / "checkpoint-1"
     assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch):
+    from transformers import GenerationMixin
+
+    from quant import FakeQuantLinear
+
+    samplers = []
+    real = GenerationMixin.generate
+
+    def recording(model, *args, **kwargs):
+        layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+        # the student, with its 4-bit weights (the rollout cache on), not the teacher or a float copy
+        samplers.append((len(layers), all(layer._frozen for layer in layers),
+                         next(model.parameters()).requires_grad))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / "run", "--max-steps", "2",
+                                "--lmbda", "1")) == 0
+    assert samplers == [(14, True, True)] * 2
