@@ -283,8 +283,7 @@ def _format(value: float | None, spread: float | None, kind: str) -> str:
 def summarize(results: list[dict]) -> tuple[str, list[dict]]:
     """One line per setting (all values but the seed): each metric as mean ± sample standard
     deviation over its seeds; the benchmark average with its standard error where one seed."""
-    swept = sorted({k for r in results for k in r["values"] if k != "seed"},
-                   key=lambda k: next(i for i, r in enumerate(results) if k in r["values"]))
+    swept = list(dict.fromkeys(k for r in results for k in r["values"] if k != "seed"))  # grid order
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault(tuple(r["values"].get(k) for k in swept), []).append(r)
