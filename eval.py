@@ -206,6 +206,16 @@ def load_student(checkpoint: Path):
     from models import load_model
     from quant import CONFIG_KEY, quantize_model_from_settings
 
+    from export import GGUF_FILE
+
+    if (checkpoint / GGUF_FILE).exists() and not (checkpoint / "config.json").exists():
+        import gguf  # export.py's GGUF directory: transformers dequantizes it (gguf-py) to float32
+
+        model, tokenizer = load_model(checkpoint / GGUF_FILE)
+        field = gguf.GGUFReader(checkpoint / GGUF_FILE).fields.get("qakd.quantization")
+        if field is None:
+            raise EvalError(f"{checkpoint / GGUF_FILE} was not written by export.py (no qakd.quantization field)")
+        return model.eval(), tokenizer, json.loads(field.contents())
     if not (checkpoint / "config.json").exists():
         raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
                         f"or a run directory that holds one")
@@ -230,7 +240,9 @@ def resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise EvalError(f"checkpoint {path} does not exist")
-    if (p / "config.json").exists():
+    from export import GGUF_FILE
+
+    if (p / "config.json").exists() or (p / GGUF_FILE).exists():
         return p
     from train import latest_checkpoint
 

@@ -358,6 +358,8 @@ def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool 
                 write_compressed_tensors(student, tokenizer, settings, staging)
             else:
                 write_gguf(student, tokenizer, settings, run_config, staging)
+        if run_config_file.exists():  # eval.py finds the teacher of an exported row here
+            shutil.copy(run_config_file, staging / "run_config.json")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -126,13 +126,15 @@ def test_eval_takes_the_export_as_a_row(tmp_path, embedded_tokenizer, monkeypatc
     monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
     checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "mxfp4")
     (checkpoint / "run_config.json").write_text(json.dumps({"model": str(checkpoint)}))  # teacher: itself
-    out = tmp_path / "shipped"
-    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
-    assert evaluation.main([str(checkpoint), str(out), "--tasks", "", "--no-perplexity", "--embedded", "--limit", "4",
-                            "--output-dir", str(tmp_path / "eval")]) == 0
+    for export_format in export.FORMATS:
+        assert export.main([str(checkpoint), "--format", export_format, "--out", str(tmp_path / export_format)]) == 0
+    assert evaluation.main([str(tmp_path / "compressed-tensors"), str(tmp_path / "gguf"), str(checkpoint), "--tasks",
+                            "", "--no-perplexity", "--embedded", "--limit", "4", "--output-dir",
+                            str(tmp_path / "eval")]) == 0
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
-    assert list(rows) == ["teacher", "ptq", "student", "shipped"]
-    assert rows["shipped"]["embedded"] == pytest.approx(rows["student"]["embedded"], rel=1e-5)
+    assert list(rows) == ["teacher", "ptq", "compressed-tensors", "gguf", "student"]
+    for shipped in ("compressed-tensors", "gguf"):  # what ships measures what trained
+        assert rows[shipped]["embedded"] == pytest.approx(rows["student"]["embedded"], rel=1e-5)
 
 
 @pytest.mark.parametrize("quant_type, export_format, message", [
@@ -187,6 +189,16 @@ def test_the_embedded_model_exports_to_both_formats_with_its_logits(tmp_path, mo
         out = tmp_path / export_format
         assert export.main([str(checkpoint), "--format", export_format, "--out", str(out)]) == 0
         if export_format == "gguf":
+            import gguf
+
+            layers = dict(export.quantized_layers(student))
+            names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, student.config.num_hidden_layers)
+            reader = gguf.GGUFReader(out / export.GGUF_FILE)
+            blocks = {t.name: t for t in reader.tensors}
+            for name in ("model.layers.0.mlp.down_proj", "model.layers.29.self_attn.v_proj"):
+                tensor = blocks[names.get_name(name + ".weight", try_suffixes=(".weight",))]
+                assert np.array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                                      fake_quantize(layers[name].weight.detach(), "mxfp4").numpy())
             loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=export.GGUF_FILE, dtype=torch.float32)
         else:
             loaded = load_compressed(out, dequantize=True)
