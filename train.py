@@ -42,7 +42,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MAX_NONFINITE_IN_A_ROW = 3
 # Fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"max_steps", "save_steps", "stop_after", "resume", "overwrite", "do_eval", "log_with",
-                     "config", "eval_args", "eval_steps"}
+                     "config", "eval_args", "eval_steps", "gradient_checkpointing"}
 
 
 @dataclass
@@ -82,6 +82,7 @@ class TrainConfig:
     do_eval: bool = False
     eval_args: str = ""  # extra eval.py flags for --do-eval, e.g. "--limit 100 --tasks arc_easy"
     teacher_dtype: str = "float32"
+    gradient_checkpointing: bool = False  # student: recompute activations in the backward (same gradients)
     log_with: str = "none"  # none | tensorboard | wandb
     fused_loss: bool = True  # never materialise [tokens, vocab] logits when the model allows
     loss_chunk_size: int = 0  # tokens per loss chunk; 0: about 32 MiB per [chunk, vocab] tensor
@@ -283,6 +284,13 @@ def load_teacher_and_student(c: TrainConfig):
         student = copy.deepcopy(teacher)
     disable_dropout(teacher)
     disable_dropout(student)
+    if c.gradient_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise Abort(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing")
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.requires_grad_(True).train()
     saved_settings = getattr(student.config, "fake_quant", None)
     if saved_settings:  # a saved student: rebuild exactly the quantization it was trained with
