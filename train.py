@@ -40,9 +40,9 @@ log = logging.getLogger("train")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MAX_NONFINITE_IN_A_ROW = 3
-# Fields that may change between a run and its resumption.
+# Fields that may change between a run and its resumption (a moved directory is the same run).
 RESUMABLE_CHANGES = {"max_steps", "save_steps", "stop_after", "resume", "overwrite", "do_eval", "log_with",
-                     "config", "eval_args", "eval_steps", "gradient_checkpointing"}
+                     "config", "eval_args", "eval_steps", "gradient_checkpointing", "output_dir"}
 
 
 @dataclass
