@@ -49,29 +49,25 @@ def with_ties(x, seed):
 
 
 def mxfp4_reference(x, scale_rule="floor"):
-    """float64 MXFP4 from the spec: nearest grid point, ties to the even code, saturate at 6."""
+    """float64 MXFP4 from the spec: nearest grid point, ties to the even code, saturate at 6;
+    the block exponent by ``scale_rule``."""
     shape = x.shape
     x = x.double().reshape(-1, 32)
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64)
     out = torch.empty_like(x)
     for i, block in enumerate(x):
         amax = block.abs().max().item()
         if amax == 0:
             out[i] = 0
             continue
+        floor = math.floor(math.log2(amax)) - 2
         if scale_rule == "floor":
-            e = math.floor(math.log2(amax)) - 2
-        else:
-            e = math.ceil(math.log2(float(torch.tensor(amax, dtype=torch.float32) / 6)))
-        scale = 2.0 ** max(-127, min(127, e))
-        y = (block / scale).abs().clamp(max=6.0)
-        dist = (y[:, None] - grid[None, :]).abs()
-        best = dist.min(dim=1, keepdim=True).values
-        candidates = dist == best
-        # On a tie prefer the even code (even index into the grid = mantissa bit 0).
-        even = candidates & (torch.arange(8) % 2 == 0)
-        idx = torch.where(even.any(1), even.float().argmax(1), candidates.float().argmax(1))
-        out[i] = grid[idx] * torch.sign(block) * scale
+            out[i] = mxfp4_reference_at(block, floor)
+        elif scale_rule == "rceil":
+            out[i] = mxfp4_reference_at(block, math.ceil(math.log2(float(torch.tensor(amax, dtype=torch.float32) / 6))))
+        else:  # mse: floor, floor + 1, floor - 1, the least squared error (ties in that order)
+            options = [mxfp4_reference_at(block, floor + shift) for shift in (0, 1, -1)]
+            errors = [float(((block - o) ** 2).sum()) for o in options]
+            out[i] = options[errors.index(min(errors))]
     return out.reshape(shape)
 
 
@@ -82,26 +78,10 @@ def mxfp4_reference_at(block: torch.Tensor, e: int) -> torch.Tensor:
     y = (block / scale).abs().clamp(max=6.0)
     dist = (y[:, None] - grid[None, :]).abs()
     candidates = dist == dist.min(dim=1, keepdim=True).values
+    # On a tie prefer the even code (even index into the grid = mantissa bit 0).
     even = candidates & (torch.arange(8) % 2 == 0)
     idx = torch.where(even.any(1), even.float().argmax(1), candidates.float().argmax(1))
     return grid[idx] * torch.sign(block) * scale
-
-
-def mxfp4_mse_reference(x):
-    """float64: per block the exponent among floor, floor + 1, floor - 1 (ties in that order)
-    with the least squared error."""
-    blocks = x.double().reshape(-1, 32)
-    out = torch.empty_like(blocks)
-    for i, block in enumerate(blocks):
-        amax = block.abs().max().item()
-        if amax == 0:
-            out[i] = 0
-            continue
-        floor = math.floor(math.log2(amax)) - 2
-        options = [mxfp4_reference_at(block, floor + shift) for shift in (0, 1, -1)]
-        errors = [float(((block - o) ** 2).sum()) for o in options]
-        out[i] = options[errors.index(min(errors))]
-    return out.reshape(x.shape)
 
 
 def test_mxfp4_mse_scale_matches_float64_reference_and_never_errs_more_than_floor():
@@ -110,7 +90,7 @@ def test_mxfp4_mse_scale_matches_float64_reference_and_never_errs_more_than_floo
     x = torch.cat([torch.randn(64 * 32, 32, generator=g) * magnitudes[: 64 * 32],
                    torch.randn(256, 32, generator=g).pow(3), torch.zeros(4, 32)])
     got = fake_quantize(x, "mxfp4", scale_rule="mse")
-    assert torch.equal(got.double(), mxfp4_mse_reference(x))
+    assert torch.equal(got.double(), mxfp4_reference(x, "mse"))
     floor_error = (x.double() - fake_quantize(x, "mxfp4").double()).square().sum(-1)
     mse_error = (x.double() - got.double()).square().sum(-1)
     assert (mse_error <= floor_error).all() and (mse_error < floor_error).float().mean() > 0.1
