@@ -45,7 +45,7 @@ def load_records(dataset: str | None, split: str = "train") -> list[dict]:
     name = dataset or EMBEDDED_DATASET
     if name == EMBEDDED_DATASET:
         path = EMBEDDED_DIR / f"{'heldout' if split in ('heldout', 'test', 'validation') else 'train'}.jsonl"
-        return checked_records(read_json_records(path), lambda i: f"{path} line {i + 1}")
+        return read_json_records(path)
     path = Path(name).expanduser()
     if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.exists():
@@ -55,8 +55,7 @@ def load_records(dataset: str | None, split: str = "train") -> list[dict]:
 
             return checked_records(list(datasets.load_dataset("parquet", data_files=str(path), split="train")),
                                    lambda i: f"dataset file {path} row {i}")
-        return checked_records(read_json_records(path), lambda i: f"dataset file {path} line {i + 1}"
-                               if path.suffix == ".jsonl" else f"dataset file {path} record {i}")
+        return read_json_records(path)
     if path.exists():
         raise ValueError(f"dataset {name!r}: expected a .json, .jsonl or .parquet file or a hub dataset name")
     import datasets
@@ -64,15 +63,15 @@ def load_records(dataset: str | None, split: str = "train") -> list[dict]:
     try:
         records = list(datasets.load_dataset(name, split=split))
     except Exception as e:  # the hub raises many types; all mean "could not get it"
-        raise RuntimeError(f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}: "
+        raise ConnectionError(f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local .jsonl file instead") from e
     return checked_records(records, lambda i: f"dataset {name} split {split} row {i}")
 
 
 def read_json_records(path: Path) -> list[dict]:
     """A .jsonl file (one JSON object per line; blank lines skipped) or a .json file holding
-    a list of objects (or JSON lines)."""
-
+    a list of objects (or JSON lines), checked by ``checked_records`` with the real line
+    numbers."""
     text = path.read_text()
     if not text.strip():
         raise ValueError(f"dataset file {path} is empty")
@@ -84,8 +83,8 @@ def read_json_records(path: Path) -> list[dict]:
         bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
         if bad is not None:
             raise ValueError(f"dataset file {path} record {bad} is not a JSON object")
-        return records
-    records = []
+        return checked_records(records, lambda i: f"dataset file {path} record {i}")
+    records, numbers = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -96,7 +95,8 @@ def read_json_records(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             raise ValueError(f"dataset file {path} line {number} is not a JSON object")
         records.append(record)
-    return records
+        numbers.append(number)
+    return checked_records(records, lambda i: f"dataset file {path} line {numbers[i]}")
 
 
 def _chat_problem(messages) -> str | None:

@@ -268,8 +268,6 @@ def ptq_baseline(teacher, settings: dict):
 
 EMBEDDED_BATCH = 8
 EMBEDDED_MAX_LENGTH = 512
-
-
 KL_BATCH = 4  # sequences per forward of the held-out KL (sorted by length; 4 beat 8 here)
 KL_ROWS = 256  # completion positions per KL chunk: [rows, vocab] stays cache-sized
 

@@ -346,7 +346,7 @@ def train(c: TrainConfig) -> int:
                                     c.min_completion_tokens, need_completions=need_completions)
         eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
                          if c.eval_steps else [])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
         raise Abort(str(e)) from None
 
     decay = [p for p in student.parameters() if p.dim() >= 2]
