@@ -207,7 +207,8 @@ def _add_tokenizer(writer, tokenizer, config, source: Path | None) -> None:
                 writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
         return
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or json.loads(backend.to_str())["model"]["type"] != "BPE":
+    bpe = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if bpe.get("type") != "BPE":
         raise ExportError("--format gguf: only byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) are written from a "
                           "Hugging Face directory")
     vocab = tokenizer.get_vocab()
@@ -223,7 +224,7 @@ def _add_tokenizer(writer, tokenizer, config, source: Path | None) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
                             for i in range(len(tokens))])
-    merges = json.loads(backend.to_str())["model"].get("merges", [])
+    merges = bpe.get("merges", [])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     for name, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                            ("pad", tokenizer.pad_token_id)):
