@@ -244,7 +244,7 @@ def resolve_checkpoint(path: str) -> Path:
 
     if (p / "config.json").exists() or (p / GGUF_FILE).exists():
         return p
-    from train import latest_checkpoint
+    from checkpoints import latest_checkpoint
 
     latest = latest_checkpoint(p)
     if latest is None:

@@ -349,3 +349,50 @@ def supports_fused_loss(model) -> bool:
     config = model.config
     return (isinstance(head, nn.Linear) and head.bias is None
             and not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None))
+
+
+# ---------------------------------------------------------------- the training loss
+
+class DistillationLoss:
+    """What train.py minimises on one batch: the teacher's forward (no gradients), the
+    student's, and the generalized JSD over the batch's completion tokens (``labels`` not
+    -100), summed and divided by ``num_items`` (the step's token count).
+
+    When ``fused`` and both models allow it (a bias-free linear head, no softcapping or logit
+    scale), the models return hidden states and the fused loss projects them chunk by chunk
+    through their heads, so [tokens, vocab] logits never exist; otherwise the models' logits
+    go to ``generalized_jsd_loss``. Both give the same loss and gradients. ``student`` is the
+    module to call (a DDP wrapper keeps its gradient synchronisation); the head swap acts on
+    the model inside it. ``teacher_seconds``: the last call's teacher forward time.
+    """
+
+    def __init__(self, student, teacher, *, beta: float, temperature: float = 1.0, normalize: bool = False,
+                 vocab_size: int | None = None, chunk_size: int | None = None, fused: bool = True):
+        from accelerate.utils import extract_model_from_parallel
+
+        _check_hyperparameters(beta, temperature)
+        self.student, self.teacher = student, teacher
+        self.student_model = extract_model_from_parallel(student)
+        self.fused = fused and supports_fused_loss(self.student_model) and supports_fused_loss(teacher)
+        self.settings = {"beta": beta, "temperature": temperature, "normalize": normalize, "vocab_size": vocab_size,
+                         "chunk_size": chunk_size}
+        self.teacher_seconds = 0.0
+
+    def __call__(self, batch: dict, num_items) -> torch.Tensor:
+        import time
+
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        started = time.perf_counter()
+        if not self.fused:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
+            self.teacher_seconds = time.perf_counter() - started
+            return generalized_jsd_loss(self.student(**inputs).logits, teacher_logits, batch["labels"],
+                                        num_items_in_batch=num_items, **self.settings)
+        with torch.no_grad(), hidden_states_instead_of_logits(self.teacher) as teacher_head:
+            teacher_hidden = self.teacher(**inputs).logits
+        self.teacher_seconds = time.perf_counter() - started
+        with hidden_states_instead_of_logits(self.student_model) as student_head:
+            student_hidden = self.student(**inputs).logits
+        return fused_linear_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, batch["labels"],
+                                     num_items_in_batch=num_items, **self.settings)

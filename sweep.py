@@ -137,24 +137,24 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
 
 
 def run_action(config, output_dir: Path, result_file: Path | None = None) -> str:
-    import train
+    import checkpoints
 
     if not output_dir.exists() or not any(output_dir.iterdir()):
         if result_file is None or not result_file.exists():
             return "train"
         recorded = json.loads(result_file.read_text())
-        differ = train.config_differences(recorded["config"], config)
+        differ = checkpoints.config_differences(recorded["config"], config)
         if differ:
             raise SweepError(f"{result_file} records a run with a different configuration ({', '.join(differ)}); "
                              f"remove it or choose another --results")
         return "recorded" if recorded["final"].get("step", 0) >= config.max_steps else "train"
     saved = output_dir / "run_config.json"
     if saved.exists():
-        differ = train.config_differences(json.loads(saved.read_text()), config)
+        differ = checkpoints.config_differences(json.loads(saved.read_text()), config)
         if differ:
             raise SweepError(f"{output_dir} holds a run with a different configuration ({', '.join(differ)}); "
                              f"remove it or choose another --root")
-    latest = train.latest_checkpoint(output_dir)
+    latest = checkpoints.latest_checkpoint(output_dir)
     if latest is not None and json.loads((latest / "trainer_state.json").read_text())["step"] >= config.max_steps:
         return "done"
     return "resume"
@@ -457,10 +457,10 @@ def sweep(args, train_flags: list[str]) -> int:
 
 def _needs_eval(output_dir: Path) -> bool:
     """No results yet, or results older than the latest checkpoint."""
-    import train
+    import checkpoints
 
     results = output_dir / "eval" / "results.json"
-    latest = train.latest_checkpoint(output_dir)
+    latest = checkpoints.latest_checkpoint(output_dir)
     return not results.exists() or (latest is not None and results.stat().st_mtime < latest.stat().st_mtime)
 
 

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
@@ -38,11 +37,7 @@ import torch
 
 log = logging.getLogger("train")
 
-CHECKPOINT_PREFIX = "checkpoint-"
 MAX_NONFINITE_IN_A_ROW = 3
-# Fields that may change between a run and its resumption (a moved directory is the same run).
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "stop_after", "resume", "overwrite", "do_eval", "log_with",
-                     "config", "eval_args", "eval_steps", "gradient_checkpointing", "output_dir"}
 
 
 @dataclass
@@ -182,87 +177,6 @@ def run_config_dict(c: TrainConfig) -> dict:
     return dataclasses.asdict(c)
 
 
-def config_differences(saved: dict, c: TrainConfig) -> list[str]:
-    """The settings in which ``c`` differs from a saved run configuration, beyond those a
-    resumed run may change."""
-    defaults = run_config_dict(TrainConfig())  # a setting added since the run was saved has its default
-    return sorted(k for k, v in run_config_dict(c).items()
-                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
-
-
-# ---------------------------------------------------------------- output directory and checkpoints
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").exists()]
-    return max(steps)[1] if steps else None
-
-
-def check_output_dir(c: TrainConfig) -> Path | None:
-    """Refuse to clobber a run: returns the checkpoint to resume from, if any."""
-    out = Path(c.output_dir)
-    saved = out / "run_config.json"
-    if not out.exists() or not any(out.iterdir()):
-        if c.resume:
-            log.warning("--resume: %s holds no run yet, starting from scratch", out)
-        return None
-    if c.overwrite:
-        return None
-    if not c.resume:
-        raise Abort(f"output directory {out} already holds a run; pass --resume to continue it, "
-                          f"--overwrite to replace it, or choose another --output_dir")
-    if saved.exists():
-        differ = config_differences(json.loads(saved.read_text()), c)
-        if differ:
-            raise Abort(f"--resume: {out} was run with a different configuration ({', '.join(differ)}); "
-                              f"use the same settings or another --output_dir")
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
-    return checkpoint
-
-
-def load_checkpoint_weights(model, checkpoint: Path) -> None:
-    """The Hugging Face layout weights of a checkpoint (one file or shards) into ``model``,
-    exactly; only weights tied to another (lm_head to the embedding) may be absent."""
-    from safetensors.torch import load_file
-
-    index = checkpoint / "model.safetensors.index.json"
-    files = (sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.exists() else [checkpoint / "model.safetensors"])
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise Abort(f"{checkpoint}: its weights do not fit this model (missing {sorted(result.missing_keys)[:3]}, "
-                    f"unexpected {sorted(result.unexpected_keys)[:3]})")
-
-
-def save_checkpoint(accelerator, student, tokenizer, c: TrainConfig, step: int, metrics: dict) -> Path:
-    """Write checkpoint-<step> atomically: built in a temporary directory, then renamed."""
-    out = Path(c.output_dir)
-    final = out / f"{CHECKPOINT_PREFIX}{step}"
-    staging = out / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging / "accelerate_state"))
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(student)
-        unwrapped.save_pretrained(staging, state_dict=accelerator.get_state_dict(student),
-                                  safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "run_config.json").write_text(json.dumps(run_config_dict(c), indent=2))
-        (staging / "trainer_state.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ---------------------------------------------------------------- models
 
 def load_teacher_and_student(c: TrainConfig):
@@ -302,10 +216,28 @@ def load_teacher_and_student(c: TrainConfig):
     return teacher, student, tokenizer
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the run
 
 class Interrupted(Exception):
     pass
+
+
+@dataclass
+class Run:
+    """What a training run holds between steps."""
+    c: TrainConfig
+    accelerator: object
+    teacher: object
+    student: object  # as accelerate prepared it (a DDP or FSDP wrapper, or the model)
+    student_model: object  # the model inside it
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    loss: object  # losses.DistillationLoss
+    examples: list
+    eval_examples: list
+    start_step: int
+    totals: dict  # train_s, tokens_generated, heldout_kl_step0: carried over a resumption
 
 
 def main(argv=None) -> int:
@@ -320,26 +252,22 @@ def main(argv=None) -> int:
         return 2
 
 
-def train(c: TrainConfig) -> int:
+def set_up(c: TrainConfig) -> Run:
+    """Models, data, optimizer and the output directory; the state of the checkpoint being
+    resumed. What the run cannot use (a model, dataset or directory) is an Abort."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
-    from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from data import (build_batch, completions_from_generation, left_padded_prompts, load_records,
-                      prepare_examples)
-    from eval import heldout_examples, heldout_kl_sums
-    from models import sampling
-    from losses import (fused_linear_jsd_loss, generalized_jsd_loss, hidden_states_instead_of_logits,
-                        supports_fused_loss)
-    from quant import frozen_quant
+    import checkpoints
+    from data import load_records, prepare_examples
+    from eval import heldout_examples
+    from losses import DistillationLoss
 
-    resume_from = check_output_dir(c)
-    accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(c.seed)
-
-    try:  # models and data the run cannot use are input errors; anything later is a bug
+    try:  # input errors; anything raised later is a bug and keeps its traceback
+        resume_from = checkpoints.checkpoint_to_resume(c)
+        accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir)
+        torch.manual_seed(c.seed)
         teacher, student, tokenizer = load_teacher_and_student(c)
         need_completions = c.lmbda < 1 and not c.seq_kd
         examples = prepare_examples(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
@@ -357,31 +285,23 @@ def train(c: TrainConfig) -> int:
     # The scheduler stays outside prepare(): accelerate would step it once per process.
     student, optimizer = accelerator.prepare(student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    if accelerator.distributed_type != DistributedType.FSDP:
-        # One copy of the weights per checkpoint: its Hugging Face layout safetensors, which
-        # resume reads back; accelerate's state keeps the optimizer, scheduler and RNGs.
-        # (FSDP keeps its own sharded copy as well.)
-        accelerator.register_save_state_pre_hook(lambda models, weights, directory: weights.clear())
-
-        def load_student_weights(models, directory):
-            load_checkpoint_weights(accelerator.unwrap_model(student), Path(directory).parent)
-            models.clear()
-
-        accelerator.register_load_state_pre_hook(load_student_weights)
+    checkpoints.keep_one_weight_copy(accelerator, student)
     teacher.to(accelerator.device)
-    unwrapped = accelerator.unwrap_model(student)
-    fused = (c.fused_loss and accelerator.distributed_type != DistributedType.FSDP
-             and supports_fused_loss(unwrapped) and supports_fused_loss(teacher))
-
-    start_step = 0
-    # Totals that the learning curves are plotted against; they carry over a resumption.
-    totals = {"train_s": 0.0, "tokens_generated": 0, "heldout_kl_step0": None}
+    # FSDP shards the head: the fused loss's head swap needs it whole.
+    loss = DistillationLoss(student, teacher, beta=c.beta, temperature=c.loss_temperature, normalize=c.jsd_normalize,
+                            vocab_size=len(tokenizer), chunk_size=c.loss_chunk_size or None,
+                            fused=c.fused_loss and accelerator.distributed_type != DistributedType.FSDP)
+    run = Run(c, accelerator, teacher, student, accelerator.unwrap_model(student), tokenizer, optimizer, scheduler,
+              loss, examples, eval_examples, start_step=0,
+              totals={"train_s": 0.0, "tokens_generated": 0, "heldout_kl_step0": None})
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "accelerate_state"))
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        start_step = state["step"]
-        totals.update({k: state[k] for k in totals if k in state})
-        log.info("resumed from %s at step %d", resume_from, start_step)
+        try:
+            state = checkpoints.load(accelerator, resume_from)
+        except checkpoints.CheckpointError as e:
+            raise Abort(str(e)) from None
+        run.start_step = state["step"]
+        run.totals.update({k: state[k] for k in run.totals if k in state})
+        log.info("resumed from %s at step %d", resume_from, run.start_step)
     out = Path(c.output_dir)
     if accelerator.is_main_process:
         if c.overwrite and out.exists() and resume_from is None:
@@ -390,185 +310,225 @@ def train(c: TrainConfig) -> int:
         (out / "run_config.json").write_text(json.dumps(run_config_dict(c), indent=2))
     if c.log_with != "none":
         accelerator.init_trackers("qakd", config={k: v for k, v in run_config_dict(c).items() if v is not None})
+    return run
 
-    slots_per_step = world * c.gradient_accumulation_steps
-    prompts_per_step = slots_per_step * c.per_device_train_batch_size
 
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch: int) -> list[int]:
-        return torch.randperm(len(examples), generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch)).tolist()
+# ---------------------------------------------------------------- the pieces of a step
 
-    def step_examples(step: int, slot: int) -> list:
-        """The examples of one micro-batch: a pure function of (seed, step, slot), so a
-        resumed run and any process layout see the same data."""
-        out_ = []
-        for i in range(c.per_device_train_batch_size):
-            index = step * prompts_per_step + slot * c.per_device_train_batch_size + i
-            epoch, position = divmod(index, len(examples))
-            out_.append(examples[epoch_order(epoch)[position]])
-        return out_
+def is_on_policy(c: TrainConfig, step: int) -> bool:
+    """Drawn from (seed, step) alone: every process and a resumed run agree."""
+    return random.Random(c.seed * 1_000_003 + step).random() < c.lmbda
 
-    def generate(model, prompts, seed):
-        batch = {k: v.to(accelerator.device) for k, v in left_padded_prompts(prompts, tokenizer.pad_token_id).items()}
-        torch.manual_seed(seed)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), sampling(model, tokenizer, do_sample=True, temperature=c.temperature,
-                                       max_new_tokens=c.max_new_tokens) as config:
-            generated = model.generate(**batch, generation_config=config)
-        model.train(was_training)
-        return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
 
-    def loss_sum(batch, num_items):
-        """Student forward + loss on one micro-batch (teacher forward inside), timed."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        labels = batch["labels"]
-        t0 = time.perf_counter()
-        if fused:
-            with torch.no_grad(), hidden_states_instead_of_logits(teacher) as teacher_head:
-                teacher_hidden = teacher(**inputs, use_cache=False).logits
-            t1 = time.perf_counter()
-            with hidden_states_instead_of_logits(unwrapped) as student_head:
-                student_hidden = student(**inputs, use_cache=False).logits
-            loss = fused_linear_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels,
-                                         beta=c.beta, temperature=c.loss_temperature, num_items_in_batch=num_items,
-                                         normalize=c.jsd_normalize, vocab_size=len(tokenizer),
-                                         chunk_size=c.loss_chunk_size or None)
+@functools.lru_cache(maxsize=2)
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def step_examples(run: Run, step: int, slot: int) -> list:
+    """The examples of one micro-batch (``slot``: micro-batch x process): a pure function of
+    (seed, step, slot), so a resumed run and any process layout see the same data."""
+    c, examples = run.c, run.examples
+    prompts_per_step = run.accelerator.num_processes * c.gradient_accumulation_steps * c.per_device_train_batch_size
+    chosen = []
+    for i in range(c.per_device_train_batch_size):
+        epoch, position = divmod(step * prompts_per_step + slot * c.per_device_train_batch_size + i, len(examples))
+        chosen.append(examples[epoch_order(len(examples), c.seed, epoch)[position]])
+    return chosen
+
+
+def rollout(run: Run, model, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    """Sampled completions of ``prompts`` (up to and including a stop token). Under FSDP
+    with several processes every process decodes until all are done (``synced_gpus``):
+    each forward gathers the sharded weights from all of them."""
+    from accelerate.utils import DistributedType
+
+    from data import completions_from_generation, left_padded_prompts
+    from models import sampling
+
+    accelerator, c = run.accelerator, run.c
+    batch = {k: v.to(accelerator.device) for k, v in left_padded_prompts(prompts, run.tokenizer.pad_token_id).items()}
+    synced = accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), sampling(model, run.tokenizer, do_sample=True, temperature=c.temperature,
+                                   max_new_tokens=c.max_new_tokens) as config:
+        generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
+    model.train(was_training)
+    return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
+
+
+def step_batches(run: Run, step: int, on_policy: bool) -> tuple[list[dict], int, float]:
+    """This process's micro-batches of a step: the examples' prompts with the student's
+    samples (on-policy), the teacher's (``--seq-kd``) or the dataset's completions; the
+    number of tokens sampled here and the seconds it took."""
+    from data import build_batch
+    from quant import frozen_quant
+
+    c, world = run.c, run.accelerator.num_processes
+    batches, sampled, generation_s = [], 0, 0.0
+    for micro in range(c.gradient_accumulation_steps):
+        slot = micro * world + run.accelerator.process_index
+        chosen = step_examples(run, step, slot)
+        prompts = [e.prompt_ids for e in chosen]
+        seed = c.seed + 7919 * (step * world * c.gradient_accumulation_steps + slot)
+        started = time.perf_counter()
+        if on_policy:
+            with frozen_quant(run.student_model):
+                completions = rollout(run, run.student_model, prompts, seed)
+        elif c.seq_kd:
+            completions = rollout(run, run.teacher, prompts, seed)
         else:
-            with torch.no_grad():
-                teacher_logits = teacher(**inputs, use_cache=False).logits
-            t1 = time.perf_counter()
-            student_logits = student(**inputs, use_cache=False).logits
-            loss = generalized_jsd_loss(student_logits, teacher_logits, labels, beta=c.beta,
-                                        temperature=c.loss_temperature, num_items_in_batch=num_items,
-                                        normalize=c.jsd_normalize, vocab_size=len(tokenizer),
-                                        chunk_size=c.loss_chunk_size or None)
-        return loss, t1 - t0
+            completions = [e.completion_ids for e in chosen]
+        generation_s += time.perf_counter() - started
+        if on_policy or c.seq_kd:
+            sampled += sum(len(completion) for completion in completions)
+        batch = build_batch(prompts, completions, run.tokenizer.pad_token_id, c.max_length)
+        batches.append({k: v.to(run.accelerator.device) for k, v in batch.items()})
+    return batches, sampled, generation_s
 
-    def heldout_eval() -> dict:
-        """Held-out KL(teacher || student) per token, teacher-forced; each process scores a
-        share of the examples and the sums are added."""
-        was_training = unwrapped.training
-        unwrapped.eval()
-        with frozen_quant(unwrapped):
-            kl_sum, tokens = heldout_kl_sums(teacher, unwrapped, eval_examples[rank::world], tokenizer.pad_token_id,
-                                             c.max_length)
-        unwrapped.train(was_training)
-        sums = accelerator.reduce(torch.tensor([kl_sum, tokens], dtype=torch.float64, device=accelerator.device),
-                                  "sum")
-        kl = (sums[0] / sums[1].clamp(min=1)).item()
-        if totals["heldout_kl_step0"] is None:
-            totals["heldout_kl_step0"] = kl
-        start_kl = totals["heldout_kl_step0"]
-        return {"heldout_kl": kl, "heldout_kl_gap_closed": 1 - kl / start_kl if start_kl > 0 else None}
 
-    interrupted = []
+def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, dict]:
+    """Loss and gradients of the step's micro-batches (gradients synchronised on the last);
+    the loss summed over processes, and the time in the teacher's and the student's passes."""
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    total = torch.zeros((), device=accelerator.device)
+    timings = {"teacher_forward_s": 0.0, "student_forward_backward_s": 0.0}
+    for i, batch in enumerate(batches):
+        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(run.student):
+            started = time.perf_counter()
+            # DDP averages gradients over processes: normalising each process's sum by
+            # count / world makes that average the gradient of the global mean.
+            loss = run.loss(batch, num_items / world)
+            accelerator.backward(loss)
+            timings["teacher_forward_s"] += run.loss.teacher_seconds
+            timings["student_forward_backward_s"] += time.perf_counter() - started - run.loss.teacher_seconds
+        total += loss.detach()
+    return accelerator.reduce(total, "sum") / world, timings
 
-    def on_signal(signum, frame):
-        interrupted.append(signum)
+
+def optimizer_step(run: Run) -> float:
+    """Clip (``--max-grad-norm 0``: only measure), step, schedule; the gradient norm."""
+    # max_norm inf: the norm is measured, nothing is scaled
+    grad_norm = run.accelerator.clip_grad_norm_(run.student.parameters(), run.c.max_grad_norm or float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    return float(grad_norm)
+
+
+def heldout_kl(run: Run) -> dict:
+    """Held-out KL(teacher || student) per token, teacher-forced, and the fraction of its
+    step-0 value closed; each process scores a share of the examples and the sums are added."""
+    from eval import heldout_kl_sums
+    from quant import frozen_quant
+
+    accelerator, model = run.accelerator, run.student_model
+    world, rank = accelerator.num_processes, accelerator.process_index
+    was_training = model.training
+    model.eval()
+    with frozen_quant(model):
+        kl_sum, tokens = heldout_kl_sums(run.teacher, model, run.eval_examples[rank::world],
+                                         run.tokenizer.pad_token_id, run.c.max_length)
+    model.train(was_training)
+    sums = accelerator.reduce(torch.tensor([kl_sum, tokens], dtype=torch.float64, device=accelerator.device), "sum")
+    kl = (sums[0] / sums[1].clamp(min=1)).item()
+    if run.totals["heldout_kl_step0"] is None:
+        run.totals["heldout_kl_step0"] = kl
+    start = run.totals["heldout_kl_step0"]
+    return {"heldout_kl": kl, "heldout_kl_gap_closed": 1 - kl / start if start > 0 else None}
+
+
+class StopSignals:
+    """SIGINT / SIGTERM while training: the step finishes, a checkpoint is saved, exit 130.
+    ``received(accelerator)`` is agreed by all processes (a signal may reach only some)."""
+
+    def __enter__(self):
+        self.signals = []
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, frame):
+        self.signals.append(signum)
         log.warning("signal %d: finishing this step, then saving a checkpoint", signum)
 
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def received(self, accelerator) -> bool:
+        return bool(accelerator.reduce(torch.tensor(len(self.signals), device=accelerator.device), "sum") > 0)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(c: TrainConfig) -> int:
+    from tqdm import tqdm
+
+    import checkpoints
+
+    run = set_up(c)
+    accelerator, totals, out = run.accelerator, run.totals, Path(c.output_dir)
     metrics_file = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    progress = tqdm(total=c.max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
-                    desc="distill")
-    on_policy_steps, nonfinite_in_a_row, last_metrics = 0, 0, {}
-    steps_this_run = 0
-    step = start_step
-    if c.eval_steps and start_step == 0:  # the curve starts at round-to-nearest
-        step0 = {"step": 0, "train_s": 0.0, "tokens_generated": 0, **heldout_eval()}
-        log.info("step 0: held-out KL %.4f", step0["heldout_kl"])
+
+    def record(metrics: dict) -> None:
         if metrics_file:
-            metrics_file.write(json.dumps(step0) + "\n")
+            metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
+        if c.log_with != "none":
+            accelerator.log(metrics, step=metrics["step"])
+
+    progress = tqdm(total=c.max_steps, initial=run.start_step, disable=not accelerator.is_local_main_process,
+                    desc="distill")
+    step, steps_this_run, on_policy_steps, nonfinite_in_a_row = run.start_step, 0, 0, 0
     try:
-        while step < c.max_steps:
-            step_start = time.perf_counter()
-            timings = {"generation_s": 0.0, "teacher_forward_s": 0.0, "student_forward_backward_s": 0.0}
-            on_policy = random.Random(c.seed * 1_000_003 + step).random() < c.lmbda
-            on_policy_steps += on_policy
-            micro_batches, local_generated = [], 0
-            for micro in range(c.gradient_accumulation_steps):
-                slot = micro * world + rank
-                chosen = step_examples(step, slot)
-                prompts = [e.prompt_ids for e in chosen]
-                t0 = time.perf_counter()
-                if on_policy:
-                    with frozen_quant(unwrapped):
-                        completions = generate(unwrapped, prompts, c.seed + 7919 * (step * slots_per_step + slot))
-                elif c.seq_kd:
-                    completions = generate(teacher, prompts, c.seed + 7919 * (step * slots_per_step + slot))
-                else:
-                    completions = [e.completion_ids for e in chosen]
-                if on_policy or c.seq_kd:
-                    local_generated += sum(len(completion) for completion in completions)
-                timings["generation_s"] += time.perf_counter() - t0
-                batch = build_batch(prompts, completions, tokenizer.pad_token_id, c.max_length)
-                micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
-            local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-            counts = accelerator.reduce(torch.tensor([local_tokens, local_generated], device=accelerator.device),
-                                        "sum")
-            num_items, generated_tokens = counts[0], int(counts[1])
-            total_loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(micro_batches):
-                sync = i == len(micro_batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(student):
-                    t0 = time.perf_counter()
-                    # DDP averages gradients over processes: normalising each process's sum by
-                    # count / world makes that average the gradient of the global mean.
-                    loss, teacher_s = loss_sum(batch, num_items / world)
-                    accelerator.backward(loss)
-                    timings["teacher_forward_s"] += teacher_s
-                    timings["student_forward_backward_s"] += time.perf_counter() - t0 - teacher_s
-                total_loss += loss.detach()
-            total_loss = accelerator.reduce(total_loss, "sum") / world
-            skipped = not torch.isfinite(total_loss)  # the same on every process: reduced
-            if skipped:
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss (%s), step skipped", step, total_loss.item())
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise Abort(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: training "
-                                       f"diverged; lower --learning-rate or check the data")
-                grad_norm = float("nan")
-            else:
-                nonfinite_in_a_row = 0
-                # max_norm inf: the norm is measured, nothing is scaled
-                grad_norm = accelerator.clip_grad_norm_(student.parameters(), c.max_grad_norm or float("inf"))
-                optimizer.step()
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_this_run += 1
-            elapsed = time.perf_counter() - step_start
-            totals["train_s"] += elapsed
-            totals["tokens_generated"] += generated_tokens
-            last_metrics = {"step": step, "loss": total_loss.item(), "grad_norm": float(grad_norm),
-                            "learning_rate": scheduler.get_last_lr()[0], "on_policy": on_policy,
-                            "on_policy_fraction": on_policy_steps / steps_this_run,
-                            "completion_tokens": int(num_items), "tokens_per_s": int(num_items) / elapsed,
-                            "step_s": elapsed, **timings, "train_s": totals["train_s"],
-                            "tokens_generated": totals["tokens_generated"], **({"skipped": True} if skipped else {})}
-            if c.eval_steps and (step % c.eval_steps == 0 or step == c.max_steps):
-                last_metrics.update(heldout_eval())
-            if metrics_file:
-                metrics_file.write(json.dumps(last_metrics) + "\n")
-                metrics_file.flush()
-            if c.log_with != "none":
-                accelerator.log(last_metrics, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", tok_s=f"{last_metrics['tokens_per_s']:.0f}",
-                                 on_policy=f"{last_metrics['on_policy_fraction']:.2f}")
-            # A signal reaches one process (or some): all of them finish this step and save together.
-            signalled = accelerator.reduce(torch.tensor(len(interrupted), device=accelerator.device), "sum") > 0
-            stop_now = bool(signalled) or (c.stop_after and steps_this_run >= c.stop_after)
-            if (c.save_steps and step % c.save_steps == 0) or step == c.max_steps or stop_now:
-                checkpoint = save_checkpoint(accelerator, student, tokenizer, c, step,
-                                             {**last_metrics, "heldout_kl_step0": totals["heldout_kl_step0"]})
-                log.info("saved %s", checkpoint)
-            if signalled:
-                raise Interrupted(checkpoint)
-            if stop_now:
-                break
+        with StopSignals() as signals:
+            if c.eval_steps and step == 0:  # the curve starts at round-to-nearest
+                record({"step": 0, "train_s": 0.0, "tokens_generated": 0, **heldout_kl(run)})
+                log.info("step 0: held-out KL %.4f", totals["heldout_kl_step0"])
+            while step < c.max_steps:
+                started = time.perf_counter()
+                on_policy = is_on_policy(c, step)
+                batches, sampled, generation_s = step_batches(run, step, on_policy)
+                local = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in batches), sampled],
+                                     device=accelerator.device)
+                num_items, sampled = accelerator.reduce(local, "sum")
+                loss, timings = backward(run, batches, num_items)
+                skipped = not torch.isfinite(loss)  # the same on every process: reduced
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+                if skipped:
+                    log.warning("step %d: non-finite loss (%s), step skipped", step, loss.item())
+                    if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        raise Abort(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: training "
+                                    f"diverged; lower --learning-rate or check the data")
+                grad_norm = float("nan") if skipped else optimizer_step(run)
+                run.optimizer.zero_grad(set_to_none=True)
+                step, steps_this_run, on_policy_steps = step + 1, steps_this_run + 1, on_policy_steps + on_policy
+                elapsed = time.perf_counter() - started
+                totals["train_s"] += elapsed
+                totals["tokens_generated"] += int(sampled)
+                metrics = {"step": step, "loss": loss.item(), "grad_norm": grad_norm,
+                           "learning_rate": run.scheduler.get_last_lr()[0], "on_policy": on_policy,
+                           "on_policy_fraction": on_policy_steps / steps_this_run,
+                           "completion_tokens": int(num_items), "tokens_per_s": int(num_items) / elapsed,
+                           "step_s": elapsed, "generation_s": generation_s, **timings, "train_s": totals["train_s"],
+                           "tokens_generated": totals["tokens_generated"], **({"skipped": True} if skipped else {})}
+                if c.eval_steps and (step % c.eval_steps == 0 or step == c.max_steps):
+                    metrics.update(heldout_kl(run))
+                record(metrics)
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                     on_policy=f"{metrics['on_policy_fraction']:.2f}")
+                signalled = signals.received(accelerator)
+                stop_now = signalled or (c.stop_after and steps_this_run >= c.stop_after)
+                if (c.save_steps and step % c.save_steps == 0) or step == c.max_steps or stop_now:
+                    checkpoint = checkpoints.save(accelerator, run.student, run.tokenizer, out, run_config_dict(c),
+                                                  step, {**metrics, "heldout_kl_step0": totals["heldout_kl_step0"]})
+                    log.info("saved %s", checkpoint)
+                if signalled:
+                    raise Interrupted(checkpoint)
+                if stop_now:
+                    break
     except Interrupted as e:
         print(f"interrupted at step {step}; checkpoint saved to {e.args[0]}; continue with the same command "
               f"and --resume", file=sys.stderr)
@@ -577,18 +537,15 @@ def train(c: TrainConfig) -> int:
         progress.close()
         if metrics_file:
             metrics_file.close()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
         if c.log_with != "none":
             accelerator.end_training()
-    log.info("done: step %d, on-policy fraction %.2f", step,
-             on_policy_steps / steps_this_run if steps_this_run else 0.0)
+    log.info("done: step %d, on-policy fraction %.2f", step, on_policy_steps / steps_this_run if steps_this_run else 0)
     if c.do_eval and step >= c.max_steps and accelerator.is_main_process:
         import shlex
 
         import eval as evaluation
 
-        return evaluation.main([str(latest_checkpoint(out)), *shlex.split(c.eval_args)])
+        return evaluation.main([str(checkpoints.latest_checkpoint(out)), *shlex.split(c.eval_args)])
     return 0
 
 

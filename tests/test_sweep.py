@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import checkpoints
 import sweep
 import train
 
@@ -79,7 +80,7 @@ def test_interrupted_runs_resume_and_the_committed_results_summarize_alone(tmp_p
     assert list(results) == ["lmbda0.5_seed42"]
     for name, result in results.items():
         assert [p["step"] for p in result["curve"]] == [0, 1, 2] and result["final"]["step"] == 2
-        assert train.latest_checkpoint(root / name).name == "checkpoint-2"
+        assert checkpoints.latest_checkpoint(root / name).name == "checkpoint-2"
         # evaluated again after the resumption: the row is the final checkpoint's
         assert list(json.loads((root / name / "eval" / "results.json").read_text())["rows"]) == [
             "teacher", "ptq", f"{name}/checkpoint-2"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,7 +243,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, ti
         train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--save-steps", "1",
                              "--resume"))
     assert not (out / "checkpoint-2").exists()
-    assert train.latest_checkpoint(out) == out / "checkpoint-1"
+    assert checkpoints.latest_checkpoint(out) == out / "checkpoint-1"
     assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
 
 
@@ -302,7 +303,7 @@ def test_a_non_finite_last_step_still_leaves_the_final_checkpoint(tmp_path, tiny
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0")) == 0
     rows = metrics(out)
     assert [r.get("skipped", False) for r in rows] == [False, True]
-    assert train.latest_checkpoint(out) == out / "checkpoint-2"
+    assert checkpoints.latest_checkpoint(out) == out / "checkpoint-2"
 
 
 def test_a_bug_inside_training_keeps_its_traceback(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch):
@@ -371,8 +372,56 @@ sys.exit(train.main(sys.argv[1:]))
                                                               "--lmbda", "0")],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stderr.count("interrupted at step 1; checkpoint saved to") == 2, result.stderr[-3000:]
-    assert train.latest_checkpoint(out) == out / "checkpoint-1"
+    assert checkpoints.latest_checkpoint(out) == out / "checkpoint-1"
     assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_fsdp_rollouts_of_different_lengths_finish_on_both_processes(tmp_path, tiny_checkpoint):
+    # Two gloo processes, the quantized student sharded by FSDP2 (fully_shard): every decoding
+    # step all-gathers weights, and rank 0 stops after 2 tokens while rank 1 samples 6. Each
+    # process's samples must equal those of the same student unsharded in one process.
+    script = tmp_path / "fsdp_rollout.py"
+    script.write_text(f"""import datetime, json, sys
+from types import SimpleNamespace
+sys.path.insert(0, {str(ROOT)!r})
+import torch, torch.distributed as dist
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import fully_shard
+import transformers.generation.utils
+import train
+from models import load_model
+from quant import frozen_quant, quantize_model
+
+# Do not rely on transformers recognising the model as FSDP-managed: accelerate's wrapping may not be.
+transformers.generation.utils.is_fsdp_managed_module = lambda module: False
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+model, tokenizer = load_model({str(tiny_checkpoint)!r})
+quantize_model(model, "mxfp4")
+prompts = [[1, 42, 7 + rank, 99], [1, 5, 6]]
+def run(distributed_type, world):
+    accelerator = SimpleNamespace(distributed_type=distributed_type, num_processes=world, device=torch.device("cpu"))
+    c = SimpleNamespace(temperature=0.9, max_new_tokens=2 if rank == 0 else 6)
+    return SimpleNamespace(accelerator=accelerator, c=c, tokenizer=tokenizer)
+with frozen_quant(model):
+    alone = train.rollout(run(DistributedType.NO, 1), model, prompts, seed=rank)
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+with frozen_quant(model):
+    sharded = train.rollout(run(DistributedType.FSDP, 2), model, prompts, seed=rank)
+print(json.dumps({{"rank": rank, "alone": alone, "sharded": sharded}}), flush=True)
+dist.destroy_process_group()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["rank"]: r for r in map(json.loads, (line for line in result.stdout.splitlines() if line.startswith("{")))}
+    assert sorted(rows) == [0, 1]
+    for rank, row in rows.items():
+        assert row["sharded"] == row["alone"]
+        assert max(map(len, row["sharded"])) == (2 if rank == 0 else 6)
 
 
 def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch):

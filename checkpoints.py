@@ -1,0 +1,134 @@
+"""Checkpoints of a training run: where they are, whether a run may go on, saving and loading.
+
+A run directory holds ``run_config.json`` (the settings), ``metrics.jsonl`` and
+``checkpoint-<step>/`` directories. Each checkpoint is the student in the Hugging Face
+layout (``model.safetensors``, config with the quantization settings, tokenizer), which is
+what eval.py and export.py read and the only copy of the weights, plus
+``accelerate_state/`` (optimizer, scheduler, random states) and ``trainer_state.json``
+(the step and that step's metrics). A checkpoint is written to a temporary directory and
+renamed, so a directory named ``checkpoint-<step>`` is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("checkpoints")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Settings that may change between a run and its resumption (a moved directory is the same run).
+RESUMABLE_CHANGES = {"max_steps", "save_steps", "stop_after", "resume", "overwrite", "do_eval", "log_with",
+                     "config", "eval_args", "eval_steps", "gradient_checkpointing", "output_dir"}
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used as asked: one line for the user."""
+
+
+def config_differences(saved: dict, config) -> list[str]:
+    """The settings in which ``config`` (a dataclass) differs from a saved run configuration,
+    beyond those a resumed run may change; a setting added since the run was saved counts
+    as its default."""
+    defaults = dataclasses.asdict(type(config)())
+    return sorted(k for k, v in dataclasses.asdict(config).items()
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").exists()]
+    return max(steps)[1] if steps else None
+
+
+def checkpoint_to_resume(config) -> Path | None:
+    """Refuse to clobber a run: the checkpoint ``config`` (train.py's settings) resumes from,
+    if any; raises CheckpointError for a directory holding another run or one given neither
+    --resume nor --overwrite."""
+    out = Path(config.output_dir)
+    saved = out / "run_config.json"
+    if not out.exists() or not any(out.iterdir()):
+        if config.resume:
+            log.warning("--resume: %s holds no run yet, starting from scratch", out)
+        return None
+    if config.overwrite:
+        return None
+    if not config.resume:
+        raise CheckpointError(f"output directory {out} already holds a run; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --output_dir")
+    if saved.exists():
+        differ = config_differences(json.loads(saved.read_text()), config)
+        if differ:
+            raise CheckpointError(f"--resume: {out} was run with a different configuration ({', '.join(differ)}); "
+                                  f"use the same settings or another --output_dir")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
+    return checkpoint
+
+
+def load_weights(model, checkpoint: Path) -> None:
+    """The Hugging Face layout weights of a checkpoint (one file or shards) into ``model``,
+    exactly; only weights tied to another (lm_head to the embedding) may be absent."""
+    from safetensors.torch import load_file
+
+    index = checkpoint / "model.safetensors.index.json"
+    files = (sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.exists() else [checkpoint / "model.safetensors"])
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit this model (missing "
+                              f"{sorted(result.missing_keys)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
+
+
+def keep_one_weight_copy(accelerator, student) -> None:
+    """Make accelerate's state leave the student's weights out (the Hugging Face layout file
+    beside it is the copy resume reads); it keeps the optimizer, scheduler and RNGs. FSDP
+    keeps its own sharded copy as well."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
+    accelerator.register_save_state_pre_hook(lambda models, weights, directory: weights.clear())
+
+    def load_student_weights(models, directory):
+        load_weights(accelerator.unwrap_model(student), Path(directory).parent)
+        models.clear()
+
+    accelerator.register_load_state_pre_hook(load_student_weights)
+
+
+def save(accelerator, student, tokenizer, output_dir: Path, run_config: dict, step: int, metrics: dict) -> Path:
+    """Write ``checkpoint-<step>`` atomically: built in a temporary directory, then renamed."""
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    staging = Path(output_dir) / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging / "accelerate_state"))
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(student)
+        unwrapped.save_pretrained(staging, state_dict=accelerator.get_state_dict(student), safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        (staging / "trainer_state.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, checkpoint: Path) -> dict:
+    """Restore the prepared student, optimizer, scheduler and random states from a
+    checkpoint; returns its trainer state (the step and that step's metrics)."""
+    accelerator.load_state(str(checkpoint / "accelerate_state"))
+    return json.loads((checkpoint / "trainer_state.json").read_text())
