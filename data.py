@@ -61,11 +61,32 @@ def load_records(dataset: str | None, split: str = "train") -> list[dict]:
     import datasets
 
     try:
-        records = list(datasets.load_dataset(name, split=split))
+        records = datasets.load_dataset(name, split=split)
     except Exception as e:  # the hub raises many types; all mean "could not get it"
         raise ConnectionError(f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); pass a local .jsonl file instead") from e
-    return checked_records(records, lambda i: f"dataset {name} split {split} row {i}")
+    # Kept as the memory-mapped dataset (tulu-3 is ~939k conversations): rows are read, checked
+    # and tokenized only when a run draws them (``examples_in_use_order``).
+    return HubRows(records, f"dataset {name} split {split}")
+
+
+class HubRows:
+    """A hub dataset's rows as a sequence of dicts, each checked against the schema of the
+    first when read."""
+
+    def __init__(self, dataset, name: str):
+        self.dataset, self.name = dataset, name
+        self.schema = detect_schema(dataset[0]) if len(dataset) else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.dataset[i]
+        problem = record_problem(record, self.schema)
+        if problem:
+            raise ValueError(f"{self.name} row {i}: {problem}")
+        return record
 
 
 def read_json_records(path: Path) -> list[dict]:
@@ -108,22 +129,28 @@ def _chat_problem(messages) -> str | None:
     return None
 
 
+def record_problem(record: dict, schema: str) -> str | None:
+    """What is wrong with a record of ``schema``, or None."""
+    if schema == "messages":
+        field, problem = "messages", _chat_problem(record.get("messages"))
+    elif schema == "prompt/completion":
+        field, problem = next(((f, f"a string or {_chat_problem(record.get(f))}") for f in ("prompt", "completion")
+                               if not isinstance(record.get(f), str) and _chat_problem(record.get(f))),
+                              (None, None))
+    else:
+        field, problem = "text", None if isinstance(record.get("text"), str) else "a string"
+    return problem and f"'{field}' must be {problem}, got {record.get(field)!r:.60}"
+
+
 def checked_records(records: list[dict], where) -> list[dict]:
     """The records, each checked against the schema of the first (``where(i)`` names row i)."""
     if not records:
         return records
     schema = detect_schema(records[0])
     for i, record in enumerate(records):
-        if schema == "messages":
-            field, problem = "messages", _chat_problem(record.get("messages"))
-        elif schema == "prompt/completion":
-            field, problem = next(((f, f"a string or {_chat_problem(record.get(f))}") for f in ("prompt", "completion")
-                                   if not isinstance(record.get(f), str) and _chat_problem(record.get(f))),
-                                  (None, None))
-        else:
-            field, problem = "text", None if isinstance(record.get("text"), str) else "a string"
+        problem = record_problem(record, schema)
         if problem:
-            raise ValueError(f"{where(i)}: '{field}' must be {problem}, got {record.get(field)!r:.60}")
+            raise ValueError(f"{where(i)}: {problem}")
     return records
 
 
@@ -167,32 +194,79 @@ def to_example(record: dict, schema: str, tokenizer, max_length: int) -> Example
     return Example(ids[:cut], ids[cut:])
 
 
+class _Usable:
+    """Tokenize one record, truncated to ``max_length``, or None if a run cannot use it;
+    counts why records were dropped."""
+
+    def __init__(self, schema, tokenizer, max_length, min_completion_tokens, need_completions):
+        self.settings = (schema, tokenizer, max_length, min_completion_tokens, need_completions)
+        self.dropped = {"empty prompt": 0, "no completion": 0, "prompt too long": 0}
+
+    def __call__(self, record: dict) -> Example | None:
+        schema, tokenizer, max_length, min_completion_tokens, need_completions = self.settings
+        example = to_example(record, schema, tokenizer, max_length)
+        why = ("empty prompt" if not example.prompt_ids else
+               "no completion" if need_completions and not example.completion_ids else
+               "prompt too long" if len(example.prompt_ids) + min_completion_tokens > max_length else None)
+        if why:
+            self.dropped[why] += 1
+            return None
+        return Example(example.prompt_ids, example.completion_ids[: max_length - len(example.prompt_ids)])
+
+    def report(self, kept: int, read: int) -> None:
+        """Filtered samples are counted and logged, never fatal; none left is an error."""
+        if any(self.dropped.values()):
+            log.warning("kept %d of %d samples (%s)", kept, read,
+                        ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n))
+        if not kept:
+            raise ValueError(f"no usable sample left after filtering {read} ({self.dropped}); "
+                             f"raise --max-length or check the dataset")
+
+
 def prepare_examples(records: list[dict], tokenizer, max_length: int, min_completion_tokens: int = 1,
                      need_completions: bool = True) -> list[Example]:
-    """Tokenize, filter and truncate. Filtered samples are counted and logged, never fatal;
-    an empty result is an error."""
-    if not records:
+    """Every record tokenized, filtered and truncated, in order."""
+    if not len(records):
         raise ValueError("the dataset is empty")
     schema = detect_schema(records[0])
-    examples, dropped = [], {"empty prompt": 0, "no completion": 0, "prompt too long": 0}
-    for record in records:
-        example = to_example(record, schema, tokenizer, max_length)
-        if not example.prompt_ids:
-            dropped["empty prompt"] += 1
-        elif need_completions and not example.completion_ids:
-            dropped["no completion"] += 1
-        elif len(example.prompt_ids) + min_completion_tokens > max_length:
-            dropped["prompt too long"] += 1
-        else:
-            room = max_length - len(example.prompt_ids)
-            examples.append(Example(example.prompt_ids, example.completion_ids[:room]))
-    if any(dropped.values()):
-        log.warning("kept %d of %d samples (%s)", len(examples), len(records),
-                    ", ".join(f"{n} {why}" for why, n in dropped.items() if n))
-    if not examples:
-        raise ValueError(f"no usable sample left after filtering {len(records)} ({dropped}); "
-                         f"raise --max-length or check the dataset")
+    usable = _Usable(schema, tokenizer, max_length, min_completion_tokens, need_completions)
+    examples = [e for e in map(usable, records) if e is not None]
+    usable.report(len(examples), len(records))
     log.info("dataset: %d examples (schema %s)", len(examples), schema)
+    return examples
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch ``epoch`` of a run with ``seed`` visits ``size`` records."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def examples_in_use_order(records, tokenizer, max_length: int, count: int, seed: int,
+                          min_completion_tokens: int = 1, need_completions: bool = True) -> list[Example]:
+    """The first ``count`` examples a run draws: epoch after epoch a seeded permutation of
+    the records, skipping those it cannot use (tokenized, filtered and truncated as
+    ``prepare_examples`` does). Only records drawn are tokenized, each once, so a run that
+    needs a fraction of a large dataset reads only that fraction. A pure function of its
+    arguments: every process and a resumed run get the same list."""
+    if not len(records):
+        raise ValueError("the dataset is empty")
+    schema = detect_schema(records[0])
+    usable = _Usable(schema, tokenizer, max_length, min_completion_tokens, need_completions)
+    tokenized: dict[int, Example | None] = {}
+    examples, epoch = [], 0
+    while len(examples) < count:
+        for index in epoch_order(len(records), seed, epoch):
+            if index not in tokenized:
+                tokenized[index] = usable(records[index])
+            if tokenized[index] is not None:
+                examples.append(tokenized[index])
+                if len(examples) == count:
+                    break
+        if epoch == 0:
+            usable.report(sum(e is not None for e in tokenized.values()), len(tokenized))
+        epoch += 1
+    log.info("dataset: %d of %d records tokenized for %d examples (schema %s)", len(tokenized), len(records),
+             count, schema)
     return examples
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import json
 import logging
@@ -234,7 +233,7 @@ class Run:
     optimizer: object
     scheduler: object
     loss: object  # losses.DistillationLoss
-    examples: list
+    examples: list  # the run's examples in the order its steps use them
     eval_examples: list
     start_step: int
     totals: dict  # train_s, tokens_generated, heldout_kl_step0: carried over a resumption
@@ -260,7 +259,7 @@ def set_up(c: TrainConfig) -> Run:
     from transformers import get_cosine_schedule_with_warmup
 
     import checkpoints
-    from data import load_records, prepare_examples
+    from data import examples_in_use_order, load_records
     from eval import heldout_examples
     from losses import DistillationLoss
 
@@ -270,8 +269,9 @@ def set_up(c: TrainConfig) -> Run:
         torch.manual_seed(c.seed)
         teacher, student, tokenizer = load_teacher_and_student(c)
         need_completions = c.lmbda < 1 and not c.seq_kd
-        examples = prepare_examples(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
-                                    c.min_completion_tokens, need_completions=need_completions)
+        examples = examples_in_use_order(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
+                                         c.max_steps * examples_per_step(c, accelerator.num_processes), c.seed,
+                                         c.min_completion_tokens, need_completions=need_completions)
         eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
                          if c.eval_steps else [])
     except (ValueError, FileNotFoundError, ConnectionError) as e:
@@ -320,21 +320,17 @@ def is_on_policy(c: TrainConfig, step: int) -> bool:
     return random.Random(c.seed * 1_000_003 + step).random() < c.lmbda
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+def examples_per_step(c: TrainConfig, world: int) -> int:
+    return world * c.gradient_accumulation_steps * c.per_device_train_batch_size
 
 
 def step_examples(run: Run, step: int, slot: int) -> list:
-    """The examples of one micro-batch (``slot``: micro-batch x process): a pure function of
-    (seed, step, slot), so a resumed run and any process layout see the same data."""
-    c, examples = run.c, run.examples
-    prompts_per_step = run.accelerator.num_processes * c.gradient_accumulation_steps * c.per_device_train_batch_size
-    chosen = []
-    for i in range(c.per_device_train_batch_size):
-        epoch, position = divmod(step * prompts_per_step + slot * c.per_device_train_batch_size + i, len(examples))
-        chosen.append(examples[epoch_order(len(examples), c.seed, epoch)[position]])
-    return chosen
+    """The examples of one micro-batch (``slot``: micro-batch x process), from the run's
+    examples in use order (``data.examples_in_use_order``): a pure function of (seed, step,
+    slot), so a resumed run and any process layout see the same data."""
+    batch_size = run.c.per_device_train_batch_size
+    first = step * examples_per_step(run.c, run.accelerator.num_processes) + slot * batch_size
+    return run.examples[first:first + batch_size]
 
 
 def rollout(run: Run, model, prompts: list[list[int]], seed: int) -> list[list[int]]:

@@ -121,3 +121,50 @@ def test_a_completion_ends_at_the_first_of_any_stop_token():
     generated = torch.tensor([[9, 9, 5, 7, 3, 8, 7], [9, 9, 5, 6, 6, 6, 6], [9, 9, 8, 7, 4, 4, 4]])
     assert completions_from_generation(generated, 2, [7, 8]) == [[5, 7], [5, 6, 6, 6, 6], [8]]
     assert completions_from_generation(generated, 2, 7) == [[5, 7], [5, 6, 6, 6, 6], [8, 7]]
+
+
+def test_a_run_tokenizes_only_the_records_it_draws_in_its_order(embedded_tokenizer, monkeypatch):
+    import data
+
+    records = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(1000)]
+    tokenized = []
+    real = data.to_example
+
+    def counting(record, *args):
+        tokenized.append(record["prompt"])
+        return real(record, *args)
+
+    monkeypatch.setattr(data, "to_example", counting)
+    examples = data.examples_in_use_order(records, embedded_tokenizer, max_length=64, count=12, seed=3)
+    order = data.epoch_order(1000, 3, 0)[:12]
+    assert tokenized == [f"question {i}" for i in order]
+    assert examples == [real(records[i], "prompt/completion", embedded_tokenizer, 64) for i in order]
+
+
+def test_records_a_run_cannot_use_are_skipped_and_later_epochs_reuse_the_tokens(embedded_tokenizer, monkeypatch):
+    import data
+
+    records = [{"prompt": ("long " * 80 if i % 3 == 0 else f"question {i}"), "completion": f"answer {i}"}
+               for i in range(9)]
+    calls = []
+    real = data.to_example
+    monkeypatch.setattr(data, "to_example", lambda record, *args: calls.append(1) or real(record, *args))
+    examples = data.examples_in_use_order(records, embedded_tokenizer, max_length=32, count=12, seed=0)
+    usable = [i for i in data.epoch_order(9, 0, 0) if i % 3] + [i for i in data.epoch_order(9, 0, 1) if i % 3]
+    assert examples == [real(records[i], "prompt/completion", embedded_tokenizer, 32) for i in usable]
+    assert len(calls) == 9  # each record once, over two epochs
+    with pytest.raises(ValueError, match="no usable sample left after filtering 3"):
+        data.examples_in_use_order(records[::3], embedded_tokenizer, max_length=32, count=4, seed=0)
+
+
+def test_a_hub_dataset_is_read_lazily_and_a_bad_row_is_named_when_drawn(embedded_tokenizer):
+    import datasets
+
+    from data import HubRows, examples_in_use_order
+
+    rows = HubRows(datasets.Dataset.from_list([{"text": "one two three four"}, {"text": None}] * 3), "dataset d split s")
+    assert len(rows) == 6 and rows[0] == {"text": "one two three four"}
+    with pytest.raises(ValueError, match="^dataset d split s row 1: 'text' must be a string, got None$"):
+        rows[1]
+    with pytest.raises(ValueError, match="row [135]: 'text' must be a string"):
+        examples_in_use_order(rows, embedded_tokenizer, max_length=32, count=6, seed=0)
