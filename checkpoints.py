@@ -18,6 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("checkpoints")
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -73,9 +75,20 @@ def checkpoint_to_resume(config) -> Path | None:
 
 def load_weights(model, checkpoint: Path) -> None:
     """The Hugging Face layout weights of a checkpoint (one file or shards) into ``model``,
-    exactly; only weights tied to another (lm_head to the embedding) may be absent."""
+    exactly; only weights tied to another (lm_head to the embedding) may be absent. A model
+    with LoRA adapters takes the adapters alone (its frozen weights are the run's start)."""
     from safetensors.torch import load_file
 
+    from lora import ADAPTER_FILE, adapters
+
+    if getattr(model, "lora_settings", None) is not None:
+        saved, own = load_file(checkpoint / ADAPTER_FILE), adapters(model)
+        if set(saved) != set(own):
+            raise CheckpointError(f"{checkpoint / ADAPTER_FILE}: its adapters do not fit this model")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                own[name].copy_(tensor)
+        return
     index = checkpoint / "model.safetensors.index.json"
     files = (sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
              if index.exists() else [checkpoint / "model.safetensors"])
@@ -115,8 +128,19 @@ def save(accelerator, student, tokenizer, output_dir: Path, run_config: dict, st
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging / "accelerate_state"))
     if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        from lora import ADAPTER_FILE, merged_state_dict
+
         unwrapped = accelerator.unwrap_model(student)
-        unwrapped.save_pretrained(staging, state_dict=accelerator.get_state_dict(student), safe_serialization=True)
+        state = accelerator.get_state_dict(student)
+        lora = getattr(unwrapped, "lora_settings", None)
+        if lora is not None:  # the merged student for eval.py and export.py, the adapters to resume
+            staging.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))},
+                      staging / ADAPTER_FILE)
+            state = merged_state_dict(state, lora.scale)
+        unwrapped.save_pretrained(staging, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "run_config.json").write_text(json.dumps(run_config, indent=2))
         (staging / "trainer_state.json").write_text(json.dumps({"step": step, **metrics}, indent=2))

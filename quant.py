@@ -33,12 +33,15 @@ block or group size does not divide is an error that names the layer and its sha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lora import merged_weight
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +306,7 @@ class FakeQuantLinear(nn.Linear):
         self.group_size = resolve_group_size(quant_type, in_features, group_size, name,
                                              (out_features, in_features))
         self._frozen = False
-        self._cache = None  # (weight version, weight data_ptr, quantized weight)
+        self._cache = None  # ((version, data_ptr) of weight and adapters, quantized weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name="linear", **quant_kwargs) -> "FakeQuantLinear":
@@ -316,15 +319,19 @@ class FakeQuantLinear(nn.Linear):
 
     def quantized_weight(self) -> torch.Tensor:
         if not self._frozen:
-            return _StraightThrough.apply(self.weight, self.quant_type, self.group_size, self.scale_rule)
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+            # W, or W + s * B A for a layer with adapters (lora.py)
+            return _StraightThrough.apply(merged_weight(self), self.quant_type, self.group_size, self.scale_rule)
+        trained = [p for p in (self.weight, getattr(self, "lora_A", None), getattr(self, "lora_B", None))
+                   if p is not None]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
             raise RuntimeError("a forward with gradients inside frozen_quant() would not train the latent "
                                "weights; run it under torch.no_grad() or leave frozen_quant() first")
-        key = (self.weight._version, self.weight.data_ptr())
-        if self._cache is None or self._cache[:2] != key:  # an optimizer step bumps the version
-            self._cache = (*key, fake_quantize(self.weight.detach(), self.quant_type, self.group_size,
-                                               self.scale_rule))
-        return self._cache[2]
+        key = tuple((p._version, p.data_ptr()) for p in trained)
+        if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
+            with torch.no_grad():
+                self._cache = (key, fake_quantize(merged_weight(self), self.quant_type, self.group_size,
+                                                  self.scale_rule))
+        return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -343,6 +350,7 @@ class QuantSettings:
     scale_rule: str = "floor"
     skip: tuple[str, ...] = ("lm_head",)
     layer_group_sizes: dict[str, int] = field(default_factory=dict)  # as resolved per layer
+    lora: dict | None = None  # the LoRA settings whose adapters were merged into these weights (lora.py)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "skip": list(self.skip)}
@@ -389,9 +397,7 @@ def quantize_model(model: nn.Module, quant_type: str, group_size: int | None = N
         setattr(parent, child, FakeQuantLinear.from_linear(
             linear, name=name, quant_type=quant_type, group_size=settings.layer_group_sizes[name],
             scale_rule=scale_rule))
-    model.quant_settings = settings
-    if hasattr(model, "config"):
-        setattr(model.config, CONFIG_KEY, settings.to_dict())
+    record_settings(model, settings)
     return len(targets)
 
 
@@ -403,7 +409,15 @@ def quantize_model_from_settings(model: nn.Module, settings: QuantSettings | dic
     if settings.layer_group_sizes and model.quant_settings.layer_group_sizes != settings.layer_group_sizes:
         raise ValueError("the model's layers do not match the recorded quantization settings "
                          "(different architecture or version?)")
+    record_settings(model, dataclasses.replace(model.quant_settings, lora=settings.lora))
     return count
+
+
+def record_settings(model: nn.Module, settings: QuantSettings) -> None:
+    """Keep ``settings`` on the model and, for Hugging Face models, in its config."""
+    model.quant_settings = settings
+    if hasattr(model, "config"):
+        setattr(model.config, CONFIG_KEY, settings.to_dict())
 
 
 @contextlib.contextmanager

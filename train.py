@@ -77,6 +77,10 @@ class TrainConfig:
     eval_args: str = ""  # extra eval.py flags for --do-eval, e.g. "--limit 100 --tasks arc_easy"
     teacher_dtype: str = "float32"
     gradient_checkpointing: bool = False  # student: recompute activations in the backward (same gradients)
+    lora_r: int = 0  # > 0: train rank-r adapters inside the quantizer, Q(W + alpha/r * B A), W frozen (lora.py)
+    lora_alpha: float | None = None  # default: r (scale 1)
+    lora_dropout: float = 0.0  # only 0: a dropout on the adapter's input has no merged 4-bit weight
+    lora_targets: str = "all-linear"  # comma-separated module names or their last parts (q_proj,v_proj)
     log_with: str = "none"  # none | tensorboard | wandb
     fused_loss: bool = True  # never materialise [tokens, vocab] logits when the model allows
     loss_chunk_size: int = 0  # tokens per loss chunk; 0: about 32 MiB per [chunk, vocab] tensor
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=f"(default: {default})")
             continue
-        kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
         choices = QUANT_CHOICES if f.name == "quant_type" else None
         parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, help=f"(default: {default})")
     return parser
@@ -164,6 +168,15 @@ def validate(c: TrainConfig) -> None:
                     f"uv pip install {c.log_with} (or log nothing; metrics.jsonl is always written)")
     if c.max_grad_norm < 0:
         raise Abort(f"--max-grad-norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
+    if c.lora_r < 0:
+        raise Abort(f"--lora-r must be >= 1 (or 0: no LoRA, all weights train), got {c.lora_r}")
+    if c.lora_dropout != 0:
+        raise Abort(f"--lora-dropout must be 0, got {c.lora_dropout}: a dropout on the adapter's input has no "
+                    f"merged weight, so the 4-bit model would not compute what was trained")
+    if c.lora_alpha is not None and not c.lora_alpha > 0:
+        raise Abort(f"--lora-alpha must be > 0, got {c.lora_alpha}")
+    if c.lora_r and c.quant_type == "none":
+        raise Abort("--lora-r adapts the fake-quantized layers; it needs a --quant-type other than none")
     if not 0 <= c.warmup_ratio < 1:
         raise Abort(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
 
@@ -182,8 +195,9 @@ def load_teacher_and_student(c: TrainConfig):
     """The frozen teacher, the trainable float32 student (fake-quantized), the tokenizer."""
     import copy
 
+    from lora import LoraSettings, add_lora
     from models import disable_dropout, load_model
-    from quant import quantize_model, quantize_model_from_settings
+    from quant import quantize_model, quantize_model_from_settings, record_settings
 
     dtype = getattr(torch, c.teacher_dtype)
     teacher, tokenizer = load_model(c.model, dtype=dtype)
@@ -212,6 +226,15 @@ def load_teacher_and_student(c: TrainConfig):
     elif c.quant_type != "none":
         count = quantize_model(student, c.quant_type, c.group_size, scale_rule=c.scale_rule)
         log.info("student: %d linear layers fake-quantized to %s", count, c.quant_type)
+    if c.lora_r:
+        settings = LoraSettings(c.lora_r, c.lora_alpha or c.lora_r, tuple(t.strip() for t in c.lora_targets.split(",")))
+        try:
+            count = add_lora(student, settings)
+        except ValueError as e:
+            raise Abort(str(e)) from None
+        record_settings(student, dataclasses.replace(student.quant_settings, lora=settings.to_dict()))
+        log.info("student: rank-%d adapters in %d layers (scale %g), every other weight frozen", settings.r, count,
+                 settings.scale)
     return teacher, student, tokenizer
 
 
@@ -277,8 +300,9 @@ def set_up(c: TrainConfig) -> Run:
     except (ValueError, FileNotFoundError, ConnectionError) as e:
         raise Abort(str(e)) from None
 
-    decay = [p for p in student.parameters() if p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
+    trained = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=c.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * c.max_steps), c.max_steps)
