@@ -76,6 +76,7 @@ class TrainConfig:
     do_eval: bool = False
     eval_args: str = ""  # extra eval.py flags for --do-eval, e.g. "--limit 100 --tasks arc_easy"
     teacher_dtype: str = "float32"
+    mixed_precision: str = "no"  # no | bf16: the student computes in bf16 (weights, optimizer stay float32)
     gradient_checkpointing: bool = False  # student: recompute activations in the backward (same gradients)
     lora_r: int = 0  # > 0: train rank-r adapters inside the quantizer, Q(W + alpha/r * B A), W frozen (lora.py)
     lora_alpha: float | None = None  # default: r (scale 1)
@@ -161,6 +162,9 @@ def validate(c: TrainConfig) -> None:
             raise Abort(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.teacher_dtype not in ("float32", "bfloat16", "float16"):
         raise Abort(f"--teacher-dtype must be float32, bfloat16 or float16, got {c.teacher_dtype!r}")
+    if c.mixed_precision not in ("no", "bf16"):
+        raise Abort(f"--mixed-precision must be no or bf16, got {c.mixed_precision!r} (fp16 cannot hold every "
+                    f"MXFP4 scale, and its loss scaling is not worth it where bf16 exists)")
     if c.log_with not in ("none", "tensorboard", "wandb"):
         raise Abort(f"--log-with must be none, tensorboard or wandb, got {c.log_with!r}")
     if c.log_with != "none" and importlib.util.find_spec(c.log_with) is None:
@@ -288,7 +292,8 @@ def set_up(c: TrainConfig) -> Run:
 
     try:  # input errors; anything raised later is a bug and keeps its traceback
         resume_from = checkpoints.checkpoint_to_resume(c)
-        accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir)
+        accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir,
+                                  mixed_precision=c.mixed_precision)
         torch.manual_seed(c.seed)
         teacher, student, tokenizer = load_teacher_and_student(c)
         need_completions = c.lmbda < 1 and not c.seq_kd

@@ -472,3 +472,30 @@ def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     assert train.main(["--model", str(tiny_checkpoint), "--gradient-checkpointing", "--output_dir", "unused"]) == 2
     assert "--gradient-checkpointing: LlamaForCausalLM does not support" in capsys.readouterr().err
+
+
+def test_bf16_mixed_precision_keeps_float32_weights_and_exact_mxfp4_values(tmp_path, tiny_checkpoint, chat_dataset):
+    from quant import fake_quantize
+
+    from accelerate.state import AcceleratorState
+
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        AcceleratorState._reset_state(True)  # one process, one precision: the state is a singleton
+        try:
+            assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0",
+                                        "--quant-type", "mxfp4", "--mixed-precision", precision)) == 0
+        finally:
+            AcceleratorState._reset_state(True)
+        losses[precision] = [r["loss"] for r in metrics(out)]
+        saved = weights(out / "checkpoint-2")
+        assert {t.dtype for t in saved.values()} == {torch.float32}
+        optimizer = torch.load(out / "checkpoint-2" / "accelerate_state" / "optimizer.bin", weights_only=True)
+        assert {t.dtype for s in optimizer["state"].values() for k, t in s.items() if k != "step"} == {torch.float32}
+    assert losses["bf16"] != losses["no"]  # bf16 really computed
+    torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["no"]), rtol=0.05, atol=1e-4)
+    # what bf16 compute sees of an MXFP4 weight is the weight itself: every MXFP4 value is a bfloat16
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 2, 64).unsqueeze(1)
+    q = fake_quantize(w, "mxfp4")
+    assert torch.equal(q.to(torch.bfloat16).float(), q)
