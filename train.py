@@ -199,13 +199,12 @@ def load_teacher_and_student(c: TrainConfig):
     """The frozen teacher, the trainable float32 student (fake-quantized), the tokenizer."""
     import copy
 
-    from lora import LoraSettings, add_lora
     from models import disable_dropout, load_model
-    from quant import quantize_model, quantize_model_from_settings, record_settings
 
     dtype = getattr(torch, c.teacher_dtype)
     teacher, tokenizer = load_model(c.model, dtype=dtype)
     teacher.eval().requires_grad_(False)
+    disable_dropout(teacher)
     if c.student_model or dtype != torch.float32:
         student, student_tokenizer = load_model(c.student_model or c.model, dtype=torch.float32)
         if student_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -213,7 +212,17 @@ def load_teacher_and_student(c: TrainConfig):
                         f"tokenizers; distillation needs the same vocabulary")
     else:
         student = copy.deepcopy(teacher)
-    disable_dropout(teacher)
+    prepare_student(student, c)
+    return teacher, student, tokenizer
+
+
+def prepare_student(student, c: TrainConfig) -> None:
+    """In place: dropout off, gradient checkpointing, fake quantization (a saved student's own,
+    or ``c``'s), LoRA adapters; trainable, in training mode."""
+    from lora import LoraSettings, add_lora
+    from models import disable_dropout
+    from quant import quantize_model, quantize_model_from_settings, record_settings
+
     disable_dropout(student)
     if c.gradient_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
@@ -239,7 +248,6 @@ def load_teacher_and_student(c: TrainConfig):
         record_settings(student, dataclasses.replace(student.quant_settings, lora=settings.to_dict()))
         log.info("student: rank-%d adapters in %d layers (scale %g), every other weight frozen", settings.r, count,
                  settings.scale)
-    return teacher, student, tokenizer
 
 
 # ---------------------------------------------------------------- the run

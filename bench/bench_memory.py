@@ -1,0 +1,113 @@
+"""Peak memory of one training step of a Qwen3-4B-shaped student, measured, then extrapolated.
+
+Method: a Qwen3 config with Qwen3-4B's widths (hidden 2560, intermediate 9728, 32 query /
+8 key-value heads of 128, vocabulary 151,936, tied embeddings) and random weights, built
+from the config (no download), at two depths. Each variant runs in its own process: the
+bfloat16 teacher and the float32 MXFP4 student built as train.py builds them, AdamW over
+what trains, one step of the fused loss (beta 0.5) on a batch of 4 x 1024 tokens (the last
+512 of each scored), and the process's peak resident memory (``ru_maxrss``) after the
+optimizer step. Peak = a + b * layers is fitted through the two depths and read at 36
+layers (Qwen3-4B's depth). The constant a holds the embedding, head, loss buffers, the
+Python and torch runtime; on a GPU the runtime part is the CUDA context instead.
+
+    uv run python bench/bench_memory.py [--depths 1 2] [--batch 4] [--length 1024]
+
+Variants: full-parameter or LoRA r32 (all linear layers), each without and with gradient
+checkpointing and bf16 compute (``--mixed-precision bf16``).
+"""
+
+import argparse
+import itertools
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, vocab_size=151_936, tie_word_embeddings=True, max_position_embeddings=4096)
+QWEN3_4B_LAYERS = 36
+GIB = 2**30
+
+
+def one_step(args) -> dict:
+    """Build, step once, report the peak RSS (this process only)."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    import train
+    from losses import DistillationLoss
+
+    widths = {**QWEN3_4B, **json.loads(args.widths)}
+    config = Qwen3Config(**widths, num_hidden_layers=args.layers)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    c = train.TrainConfig(quant_type="mxfp4", lora_r=args.lora_r, gradient_checkpointing=args.gc,
+                          mixed_precision="bf16" if args.bf16 else "no")
+    train.prepare_student(student, c)
+    accelerator = Accelerator(mixed_precision=c.mixed_precision)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    loss_fn = DistillationLoss(student, teacher, beta=0.5)
+    ids = torch.randint(0, widths["vocab_size"], (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, args.length // 2:] = ids[:, args.length // 2:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    loss = loss_fn(batch, int((labels != -100).sum()))
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+            "trained_params": sum(p.numel() for p in student.parameters() if p.requires_grad)}
+
+
+VARIANTS = [dict(lora_r=r, gc=gc, bf16=bf16) for r, gc, bf16 in itertools.product((0, 32), (False, True), (False, True))]
+
+
+def variant_name(v: dict) -> str:
+    return " + ".join([f"LoRA r{v['lora_r']}" if v["lora_r"] else "full"] + ["grad ckpt"] * v["gc"] + ["bf16"] * v["bf16"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs=2, default=[1, 2], help="the two depths measured (layers)")
+    p.add_argument("--layers", type=int, help=argparse.SUPPRESS)  # one depth, with --one
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--widths", default="{}", help="JSON overrides of the config's widths (a smoke run)")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lora-r", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one_step(args)))
+        return
+    (low, high), rows = args.depths, []
+    for v in VARIANTS:
+        peaks = []
+        for layers in (low, high):
+            cmd = [sys.executable, __file__, "--one", "--layers", str(layers), "--batch", str(args.batch), "--length",
+                   str(args.length), "--widths", args.widths, "--lora-r", str(v["lora_r"])]
+            cmd += ["--gc"] * v["gc"] + ["--bf16"] * v["bf16"]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            peaks.append(json.loads(out.strip().splitlines()[-1])["peak_gib"])
+        per_layer = (peaks[1] - peaks[0]) / (high - low)
+        constant = peaks[0] - per_layer * low
+        rows.append((variant_name(v), peaks, per_layer, constant + per_layer * QWEN3_4B_LAYERS))
+        print(f"{rows[-1][0]:32s} measured {peaks[0]:6.2f} / {peaks[1]:6.2f} GiB at {low} / {high} layers, "
+              f"{per_layer:5.2f} GiB a layer -> {rows[-1][3]:6.1f} GiB at {QWEN3_4B_LAYERS} layers", flush=True)
+    print(f"\nbatch {args.batch} x {args.length} tokens, widths {json.dumps({**QWEN3_4B, **json.loads(args.widths)})}")
+    print(f"| variant | peak at {low} / {high} layers (GiB) | per layer | at 36 layers | fits 24 / 48 / 80 GB |")
+    print("|---|---|---|---|---|")
+    for name, peaks, per_layer, full in rows:
+        fits = " / ".join("yes" if full * GIB <= gb * 1e9 else "no" for gb in (24, 48, 80))
+        print(f"| {name} | {peaks[0]:.2f} / {peaks[1]:.2f} | {per_layer:.2f} | {full:.1f} | {fits} |")
+
+
+if __name__ == "__main__":
+    main()
