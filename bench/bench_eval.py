@@ -3,12 +3,15 @@
 1. One lm-eval task (--task, default arc_easy, --limit items) on the embedded teacher at
    each batch size in --batch-sizes: seconds and the ratio to the fastest. eval.py's
    default (16) must not be more than 20% slower than the best fixed size.
-2. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
+2. With --embedded: `eval.py --embedded`'s held-out metrics of the MXFP4 round-to-nearest
+   student (held-out KL, greedy completions, the teacher's NLL of them) with greedy
+   decoding in batches of 8 (the former default) and of eval.EMBEDDED_BATCH, median seconds.
+3. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
    all five tasks and perplexity, --limit items per task, no row cache).
 
 Needs local benchmark copies (--data-dir, default ../shared/data/benchmarks).
 
-    uv run python bench/bench_eval.py [--limit 100] [--full dump/run --full-limit 200]
+    uv run python bench/bench_eval.py [--limit 100] [--embedded] [--full dump/run --full-limit 200]
 """
 
 import argparse
@@ -33,9 +36,12 @@ def main():
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-sizes", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--embedded", action="store_true", help="time the embedded held-out metrics instead")
     parser.add_argument("--full", help="a checkpoint or run directory for the end-to-end timing")
     parser.add_argument("--full-limit", type=int, default=200)
     args = parser.parse_args()
+    if args.embedded:
+        return time_embedded(args.repeats)
     if not Path(args.data_dir).is_dir():
         raise SystemExit(f"no benchmark copies at {args.data_dir}; pass --data-dir")
     model, tokenizer = load_model()
@@ -61,6 +67,28 @@ def main():
                         "--limit", str(args.full_limit), "--no-cache"], check=True)
         print(f"eval.py {args.full} --limit {args.full_limit} (teacher + ptq + student, 5 tasks + perplexity): "
               f"{time.perf_counter() - start:.0f} s")
+
+
+def time_embedded(repeats: int) -> None:
+    import copy
+
+    from eval import EMBEDDED_BATCH, embedded_eval
+    from quant import quantize_model
+
+    teacher, tokenizer = load_model()
+    student = copy.deepcopy(teacher)
+    quantize_model(student, "mxfp4")
+    times, results = {8: [], EMBEDDED_BATCH: []}, {}
+    for _ in range(repeats):
+        for size in times:
+            start = time.perf_counter()
+            results[size] = embedded_eval(teacher.eval(), student.eval(), tokenizer, batch_size=size)
+            times[size].append(time.perf_counter() - start)
+    base = statistics.median(times[8])
+    print(f"embedded held-out metrics of the mxfp4 round-to-nearest student, median of {repeats}")
+    for size, values in times.items():
+        print(f"  decoding batch {size:3d}: {statistics.median(values):6.1f} s  {base / statistics.median(values):.2f}x"
+              f"  {results[size]}")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,9 @@ def test_embedded_eval_is_zero_for_the_teacher_and_positive_for_its_4bit_self(ti
     student = evaluation.ptq_baseline(teacher, {"quant_type": "int4_sym", "group_size": 32})
     quantized = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
     assert quantized["heldout_kl"] > 1e-6
+    # decoding the prompts one by one (no padding) or all together gives the same metrics
+    alone = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4, batch_size=1)
+    assert alone == pytest.approx(quantized, rel=1e-5)
 
 
 @pytest.mark.parametrize("requested, cuda_available, chosen", [
