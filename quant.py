@@ -306,6 +306,7 @@ class FakeQuantLinear(nn.Linear):
         self.group_size = resolve_group_size(quant_type, in_features, group_size, name,
                                              (out_features, in_features))
         self._frozen = False
+        self._cache_dtype = None
         self._cache = None  # ((version, data_ptr) of weight and adapters, quantized weight)
 
     @classmethod
@@ -329,12 +330,16 @@ class FakeQuantLinear(nn.Linear):
         key = tuple((p._version, p.data_ptr()) for p in trained)
         if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
             with torch.no_grad():
-                self._cache = (key, fake_quantize(merged_weight(self), self.quant_type, self.group_size,
-                                                  self.scale_rule))
+                quantized = fake_quantize(merged_weight(self), self.quant_type, self.group_size, self.scale_rule)
+                self._cache = (key, quantized.to(self._cache_dtype or quantized.dtype))
         return self._cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        weight = self.quantized_weight()
+        if weight.dtype != x.dtype and self._frozen:  # a rollout cache in another dtype computes in it
+            bias = None if self.bias is None else self.bias.to(weight.dtype)
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, quant_type={self.quant_type}, group_size={self.group_size}, "
@@ -421,18 +426,22 @@ def record_settings(model: nn.Module, settings: QuantSettings) -> None:
 
 
 @contextlib.contextmanager
-def frozen_quant(model: nn.Module):
+def frozen_quant(model: nn.Module, dtype: torch.dtype | None = None):
     """Rollout cache: each layer quantizes its weight once and reuses it for every forward.
 
     For generation and evaluation, which rerun the forward many times on unchanged
     weights. A forward with gradients enabled inside raises (it would train nothing), and
     an in-place weight update (optimizer step) invalidates that layer's cache.
+
+    ``dtype`` (e.g. bfloat16): the cache holds the quantized weights in it and those layers
+    compute in it (input cast to it, output cast back), so decoding reads half the bytes.
+    MXFP4 weights are exact in bfloat16; INT4 weights and the activations are rounded.
     """
     layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     for layer in layers:
-        layer._frozen, layer._cache = True, None
+        layer._frozen, layer._cache, layer._cache_dtype = True, None, dtype
     try:
         yield model
     finally:
         for layer in layers:
-            layer._frozen, layer._cache = False, None
+            layer._frozen, layer._cache, layer._cache_dtype = False, None, None

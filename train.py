@@ -48,6 +48,7 @@ class TrainConfig:
     lmbda: float = 0.5  # probability that a step is on-policy (student generations)
     beta: float = 0.5  # generalized JSD interpolation: 0 forward KL, 1 reverse KL
     temperature: float = 0.9  # sampling temperature of the rollouts
+    rollout_dtype: str = "float32"  # float32 | bfloat16: the quantized weights the rollouts compute with
     loss_temperature: float = 1.0  # temperature of the distributions the loss compares
     jsd_normalize: bool = False  # divide the interior JSD by beta * (1 - beta)
     seq_kd: bool = False  # off-policy steps use teacher samples instead of dataset completions
@@ -162,6 +163,8 @@ def validate(c: TrainConfig) -> None:
             raise Abort(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.teacher_dtype not in ("float32", "bfloat16", "float16"):
         raise Abort(f"--teacher-dtype must be float32, bfloat16 or float16, got {c.teacher_dtype!r}")
+    if c.rollout_dtype not in ("float32", "bfloat16"):
+        raise Abort(f"--rollout-dtype must be float32 or bfloat16, got {c.rollout_dtype!r}")
     if c.mixed_precision not in ("no", "bf16"):
         raise Abort(f"--mixed-precision must be no or bf16, got {c.mixed_precision!r} (fp16 cannot hold every "
                     f"MXFP4 scale, and its loss scaling is not worth it where bf16 exists)")
@@ -408,7 +411,7 @@ def step_batches(run: Run, step: int, on_policy: bool) -> tuple[list[dict], int,
         seed = c.seed + 7919 * (step * world * c.gradient_accumulation_steps + slot)
         started = time.perf_counter()
         if on_policy:
-            with frozen_quant(run.student_model):
+            with frozen_quant(run.student_model, dtype=getattr(torch, c.rollout_dtype)):
                 completions = rollout(run, run.student_model, prompts, seed)
         elif c.seq_kd:
             completions = rollout(run, run.teacher, prompts, seed)

@@ -1,10 +1,12 @@
 """Cost of fake quantization on the embedded model (2 CPU cores in the README figures).
 
 1. Generation, 4 prompts x 64 new tokens (greedy): the fake-quant student inside the
-   rollout cache (`frozen_quant`) against the same model unquantized, and against the
-   student re-quantizing its weights on every forward.
+   rollout cache (`frozen_quant`) against the same model unquantized, against the
+   student re-quantizing its weights on every forward, and with the cache in bfloat16
+   (`--rollout-dtype bfloat16`).
 2. One training step (forward + backward, batch 4 x 256 tokens): the fake-quant student
-   against the unquantized model.
+   against the unquantized model, and with LoRA r32 adapters in every quantized layer
+   (``--lora-r 32``: forms W + s B A and quantizes it every forward).
 
 Measurements are interleaved and repeated; medians and their ratios are printed.
 
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import load_model  # noqa: E402
+from lora import LoraSettings, add_lora  # noqa: E402
 from quant import frozen_quant, quantize_model  # noqa: E402
 
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?",
@@ -59,12 +62,13 @@ def main():
             out = m.generate(**batch, **gen_kwargs)
         assert out.shape[1] - batch["input_ids"].shape[1] == args.new_tokens
 
-    def generate_cached():
-        with frozen_quant(student):
+    def generate_cached(dtype=None):
+        with frozen_quant(student, dtype=dtype):
             generate(student)
 
     tokens = len(PROMPTS) * args.new_tokens
     gen = {"unquantized": lambda: generate(model), "fake-quant, rollout cache": generate_cached,
+           "fake-quant, bfloat16 rollout cache": lambda: generate_cached(torch.bfloat16),
            "fake-quant, re-quantize every forward": lambda: generate(student)}
     for fn in gen.values():
         fn()  # warm-up
@@ -80,6 +84,7 @@ def main():
     cached = tps["fake-quant, rollout cache"]
     print(f"  cache vs unquantized:   {cached / tps['unquantized']:.2f}x  (target >= 0.9x)")
     print(f"  cache vs re-quantizing: {cached / tps['fake-quant, re-quantize every forward']:.2f}x  (target >= 3x)")
+    print(f"  bfloat16 cache vs cache: {tps['fake-quant, bfloat16 rollout cache'] / cached:.2f}x")
 
     ids = torch.randint(0, model.config.vocab_size, (4, args.seq_len))
 
@@ -87,7 +92,10 @@ def main():
         m(input_ids=ids, labels=ids).loss.backward()
         m.zero_grad(set_to_none=True)
 
-    steps = {"unquantized": lambda: train_step(model), "fake-quant": lambda: train_step(student)}
+    adapted = copy.deepcopy(student)
+    add_lora(adapted, LoraSettings(r=32, alpha=32.0))
+    steps = {"unquantized": lambda: train_step(model), "fake-quant": lambda: train_step(student),
+             "fake-quant + LoRA r32": lambda: train_step(adapted)}
     for fn in steps.values():
         fn()
     times = {name: [] for name in steps}
@@ -99,6 +107,7 @@ def main():
     for name, value in med.items():
         print(f"  {name:40s} {value:8.2f} s")
     print(f"  fake-quant vs unquantized: {med['fake-quant'] / med['unquantized']:.2f}x time  (target <= 1.15x)")
+    print(f"  LoRA r32 vs full-parameter fake-quant: {med['fake-quant + LoRA r32'] / med['fake-quant']:.2f}x time")
 
 
 if __name__ == "__main__":

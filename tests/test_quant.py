@@ -388,3 +388,24 @@ def test_an_optimizer_step_inside_frozen_quant_invalidates_the_cache(tiny):
         fresh = tiny(ids).logits
     assert not torch.equal(cached, stale)
     assert torch.equal(cached, fresh)
+
+
+def test_a_bfloat16_rollout_cache_holds_the_exact_mxfp4_weights_and_computes_in_bfloat16(tiny):
+    import torch.nn.functional as F
+
+    quantize_model(tiny, "mxfp4")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    layer = tiny.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with frozen_quant(tiny):
+            full, full_weight = tiny(ids).logits, layer.quantized_weight()
+        with frozen_quant(tiny, dtype=torch.bfloat16):
+            half, half_weight = tiny(ids).logits, layer.quantized_weight()
+            y = layer(x)
+        after = tiny(ids).logits
+    assert half_weight.dtype == torch.bfloat16 and torch.equal(half_weight.float(), full_weight)
+    assert y.dtype == torch.float32 and torch.equal(y, F.linear(x.bfloat16(), half_weight).float())
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    assert torch.equal(after, full)  # outside the block: float32 again

@@ -55,6 +55,8 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--lmbda", "1.5"], "--lmbda must be in [0, 1]"),
     (["--beta", "-0.1"], "--beta must be in [0, 1]"),
     (["--model", "./no/such/model"], "model path './no/such/model' does not exist"),
+    (["--rollout-dtype", "float16"], "--rollout-dtype must be float32 or bfloat16"),
+    (["--mixed-precision", "fp16"], "--mixed-precision must be no or bf16"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -424,7 +426,9 @@ dist.destroy_process_group()
         assert max(map(len, row["sharded"])) == (2 if rank == 0 else 6)
 
 
-def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch):
+@pytest.mark.parametrize("rollout_dtype", ["float32", "bfloat16"])
+def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
+                                                          rollout_dtype):
     from transformers import GenerationMixin
 
     from quant import FakeQuantLinear
@@ -436,13 +440,13 @@ def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkp
         layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
         # the student, with its 4-bit weights (the rollout cache on), not the teacher or a float copy
         samplers.append((len(layers), all(layer._frozen for layer in layers),
-                         next(model.parameters()).requires_grad))
+                         next(model.parameters()).requires_grad, {str(layer._cache_dtype) for layer in layers}))
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "generate", recording)
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / "run", "--max-steps", "2",
-                                "--lmbda", "1")) == 0
-    assert samplers == [(14, True, True)] * 2
+                                "--lmbda", "1", "--rollout-dtype", rollout_dtype)) == 0
+    assert samplers == [(14, True, True, {f"torch.{rollout_dtype}"})] * 2
 
 
 def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(tiny_checkpoint, capsys,
