@@ -211,11 +211,12 @@ def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkp
 
     monkeypatch.setattr(losses, "fused_linear_jsd_loss", interrupting)
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5")) == 130
     err = capsys.readouterr().err
     assert "interrupted at step 1" in err and "--resume" in err
     assert (out / "checkpoint-1" / "model.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
 def test_non_finite_losses_skip_steps_then_abort(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch, capsys):
