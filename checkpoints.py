@@ -136,7 +136,6 @@ def save(accelerator, student, tokenizer, output_dir: Path, run_config: dict, st
         state = accelerator.get_state_dict(student)
         lora = getattr(unwrapped, "lora_settings", None)
         if lora is not None:  # the merged student for eval.py and export.py, the adapters to resume
-            staging.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))},
                       staging / ADAPTER_FILE)
             state = merged_state_dict(state, lora.scale)

@@ -29,6 +29,7 @@ backward.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 
 import torch
@@ -379,8 +380,6 @@ class DistillationLoss:
         self.teacher_seconds = 0.0
 
     def __call__(self, batch: dict, num_items) -> torch.Tensor:
-        import time
-
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         started = time.perf_counter()
         if not self.fused:
