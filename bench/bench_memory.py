@@ -12,6 +12,9 @@ Python and torch runtime; on a GPU the runtime part is the CUDA context instead.
 
     uv run python bench/bench_memory.py [--depths 1 2] [--batch 4] [--length 1024]
 
+Each measurement is written to ``results/bench/memory.json`` as it lands and reused by the
+next run (about 7 minutes a process here, 16 processes): interrupt it and run it again.
+
 Variants: full-parameter or LoRA r32 (all linear layers), each without and with gradient
 checkpointing and bf16 compute (``--mixed-precision bf16``).
 """
@@ -79,6 +82,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--widths", default="{}", help="JSON overrides of the config's widths (a smoke run)")
+    p.add_argument("--results", default=str(ROOT / "results" / "bench" / "memory.json"),
+                   help="measurements already in this file are reused (delete it to measure again)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lora-r", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
@@ -88,26 +93,36 @@ def main() -> None:
         print(json.dumps(one_step(args)))
         return
     (low, high), rows = args.depths, []
+    results = Path(args.results)
+    measured = json.loads(results.read_text()) if results.exists() else {}
+    shape = f"batch {args.batch} x {args.length}, widths {json.dumps({**QWEN3_4B, **json.loads(args.widths)}, sort_keys=True)}"
     for v in VARIANTS:
         peaks = []
         for layers in (low, high):
-            cmd = [sys.executable, __file__, "--one", "--layers", str(layers), "--batch", str(args.batch), "--length",
-                   str(args.length), "--widths", args.widths, "--lora-r", str(v["lora_r"])]
-            cmd += ["--gc"] * v["gc"] + ["--bf16"] * v["bf16"]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-            peaks.append(json.loads(out.strip().splitlines()[-1])["peak_gib"])
+            key = f"{variant_name(v)} | {layers} layers | {shape}"
+            if key not in measured:
+                cmd = [sys.executable, __file__, "--one", "--layers", str(layers), "--batch", str(args.batch),
+                       "--length", str(args.length), "--widths", args.widths, "--lora-r", str(v["lora_r"])]
+                cmd += ["--gc"] * v["gc"] + ["--bf16"] * v["bf16"]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                measured[key] = json.loads(out.strip().splitlines()[-1])
+                # Each measurement is kept as it lands: the whole table takes hours on 2 cores.
+                results.parent.mkdir(parents=True, exist_ok=True)
+                tmp = results.with_suffix(".tmp")
+                tmp.write_text(json.dumps(measured, indent=1, sort_keys=True) + "\n")
+                tmp.replace(results)
+            peaks.append(measured[key]["peak_gib"])
         per_layer = (peaks[1] - peaks[0]) / (high - low)
         constant = peaks[0] - per_layer * low
         rows.append((variant_name(v), peaks, per_layer, constant + per_layer * QWEN3_4B_LAYERS))
         print(f"{rows[-1][0]:32s} measured {peaks[0]:6.2f} / {peaks[1]:6.2f} GiB at {low} / {high} layers, "
               f"{per_layer:5.2f} GiB a layer -> {rows[-1][3]:6.1f} GiB at {QWEN3_4B_LAYERS} layers", flush=True)
-    print(f"\nbatch {args.batch} x {args.length} tokens, widths {json.dumps({**QWEN3_4B, **json.loads(args.widths)})}")
+    print(f"\n{shape}")
     print(f"| variant | peak at {low} / {high} layers (GiB) | per layer | at 36 layers | fits 24 / 48 / 80 GB |")
     print("|---|---|---|---|---|")
     for name, peaks, per_layer, full in rows:
         fits = " / ".join("yes" if full * GIB <= gb * 1e9 else "no" for gb in (24, 48, 80))
         print(f"| {name} | {peaks[0]:.2f} / {peaks[1]:.2f} | {per_layer:.2f} | {full:.1f} | {fits} |")
-
 
 if __name__ == "__main__":
     main()
