@@ -155,11 +155,68 @@ def _write_local_mmlu(out: Path, upstream: Path, files: dict[str, str]) -> str:
 
 # ---------------------------------------------------------------- running lm-eval
 
-def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot, batch_size, max_length) -> dict:
-    """{task: {"acc": ..., "acc_stderr": ..., ["acc_norm", "acc_norm_stderr"], "items": [0/1 per doc]}} and,
-    for wikitext, {"word_perplexity": ...}."""
+_continuation_lm_class = None
+
+
+def continuation_scoring_lm(**hflm_kwargs):
+    """lm-eval's HFLM, except that the head and log-softmax run only at the positions a request
+    scores. Stock HFLM computes them at every position of every request ([batch, length,
+    vocabulary] floats) and then keeps the continuation's few; MMLU's continuation is one token.
+    Batches, padding and the body's forward are stock HFLM's, so the scores are the same."""
+    global _continuation_lm_class
+    if _continuation_lm_class is None:
+        import inspect
+
+        import torch.nn.functional as F
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.models.utils import Collator
+
+        class ContinuationScoringHFLM(HFLM):
+            def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+                takes_positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+                if self.backend != "causal" or self.batch_size == "auto" or not takes_positions:
+                    return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+                # The order and grouping stock HFLM uses: longest first, one forward for the
+                # requests that share context + continuation[:-1] (one-token answers of a question).
+                ordered = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                                   group_by="contexts" if self.logits_cache else None,
+                                   group_fn=lambda r: r[1] + r[2][:-1])
+                scores = []
+                for chunk in ordered.get_batched(n=self.batch_size):
+                    windows = [(context + continuation)[-(self.max_length + 1):][:-1]
+                               for _, context, continuation in chunk]
+                    ids = torch.zeros(len(chunk), max(map(len, windows)), dtype=torch.long, device=self.device)
+                    scored = []  # per request: the input positions whose next-token scores it uses
+                    for row, (window, (_, _, continuation)) in enumerate(zip(windows, chunk)):
+                        ids[row, :len(window)] = torch.tensor(window, dtype=torch.long)
+                        scored.append(range(len(window) - len(continuation), len(window)))
+                    positions = sorted({p for span in scored for p in span})
+                    column = {p: i for i, p in enumerate(positions)}
+                    keep = 0 if len(positions) == ids.shape[1] else torch.tensor(positions, device=self.device)
+                    mixed = getattr(self, "mixed_precision_dtype", None)
+                    with torch.no_grad(), torch.autocast(self.device.type, dtype=mixed, enabled=mixed is not None):
+                        logits = self.model(ids, logits_to_keep=keep).logits
+                    logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                    for row, ((request, context, continuation), span) in enumerate(zip(chunk, scored)):
+                        picked = logprobs[row, [column[p] for p in span]].unsqueeze(0)
+                        greedy = picked.argmax(dim=-1)
+                        for request, continuation, picked in ordered.get_cache(
+                                req_str=request, cxt_toks=context, cont_toks=continuation, logits=picked):
+                            target = torch.tensor(continuation, dtype=torch.long, device=self.device).unsqueeze(0)
+                            exact = bool((greedy[:, -target.shape[1]:] == target).all())
+                            score = (float(torch.gather(picked, 2, target.unsqueeze(-1)).sum()), exact)
+                            scores.append(score)
+                            if request is not None:
+                                self.cache_hook.add_partial("loglikelihood", request, score)
+                return ordered.get_original(scores)
+
+        _continuation_lm_class = ContinuationScoringHFLM
+    return _continuation_lm_class(**hflm_kwargs)
+
+
+def lm_eval_output(lm, tasks: list[str], data_dir, limit, num_fewshot) -> tuple[dict, dict[str, str]]:
+    """lm-eval's output for `tasks` (with every sample) and the task names it ran them under."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     if data_dir:
@@ -167,7 +224,6 @@ def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot
         manager = TaskManager(include_path=str(include))
     else:
         names, manager = {t: t for t in tasks}, TaskManager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     try:
         output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=num_fewshot,
                                          limit=limit, log_samples=True, task_manager=manager, bootstrap_iters=1000)
@@ -176,6 +232,14 @@ def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot
             raise
         raise EvalError(f"could not fetch a benchmark from the Hugging Face hub ({type(e).__name__}); pass "
                         f"--data-dir with local copies (layout: DIR/<task>/<split>.jsonl)") from e
+    return output, names
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot, batch_size, max_length) -> dict:
+    """{task: {"acc": ..., "acc_stderr": ..., ["acc_norm", "acc_norm_stderr"], "items": [0/1 per doc]}} and,
+    for wikitext, {"word_perplexity": ...}."""
+    lm = continuation_scoring_lm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    output, names = lm_eval_output(lm, tasks, data_dir, limit, num_fewshot)
     results = {}
     for task, name in names.items():
         metrics = output["results"][name]

@@ -6,12 +6,16 @@
 2. With --embedded: `eval.py --embedded`'s held-out metrics of the MXFP4 round-to-nearest
    student (held-out KL, greedy completions, the teacher's NLL of them) with greedy
    decoding in batches of 8 (the former default) and of eval.EMBEDDED_BATCH, median seconds.
-3. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
+3. With --scoring: each of the five tasks and wikitext at --limit items on the embedded
+   teacher, scored by stock lm-eval HFLM and by eval.py's continuation-only scoring
+   (alternating, median of --repeats): seconds, speed-up, and whether every item's scores
+   are identical.
+4. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
    all five tasks and perplexity, --limit items per task, no row cache).
 
 Needs local benchmark copies (--data-dir, default ../shared/data/benchmarks).
 
-    uv run python bench/bench_eval.py [--limit 100] [--embedded] [--full dump/run --full-limit 200]
+    uv run python bench/bench_eval.py [--limit 100] [--embedded] [--scoring] [--full dump/run --full-limit 200]
 """
 
 import argparse
@@ -37,6 +41,7 @@ def main():
     parser.add_argument("--batch-sizes", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--embedded", action="store_true", help="time the embedded held-out metrics instead")
+    parser.add_argument("--scoring", action="store_true", help="stock HFLM against continuation-only scoring")
     parser.add_argument("--full", help="a checkpoint or run directory for the end-to-end timing")
     parser.add_argument("--full-limit", type=int, default=200)
     args = parser.parse_args()
@@ -46,6 +51,8 @@ def main():
         raise SystemExit(f"no benchmark copies at {args.data_dir}; pass --data-dir")
     model, tokenizer = load_model()
     model.eval()
+    if args.scoring:
+        return time_scoring(model, tokenizer, args)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     times = {s: [] for s in sizes}
     run_lm_eval(model, tokenizer, [args.task], args.data_dir, 8, 0, 4, 2048)  # warm-up
@@ -67,6 +74,33 @@ def main():
                         "--limit", str(args.full_limit), "--no-cache"], check=True)
         print(f"eval.py {args.full} --limit {args.full_limit} (teacher + ptq + student, 5 tasks + perplexity): "
               f"{time.perf_counter() - start:.0f} s")
+
+
+def time_scoring(model, tokenizer, args) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from eval import PERPLEXITY_TASK, TASKS, continuation_scoring_lm, lm_eval_output
+
+    print(f"lm-eval scoring, embedded teacher, --limit {args.limit}, batch 16, max length 2048, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| task | stock HFLM (s) | continuation-only (s) | speed-up | items identical |")
+    print("|---|---|---|---|---|")
+    totals = {"stock": 0.0, "ours": 0.0}
+    for task in list(TASKS) + [PERPLEXITY_TASK]:
+        times, samples = {"stock": [], "ours": []}, {}
+        for _ in range(args.repeats):
+            for name, make in (("stock", HFLM), ("ours", continuation_scoring_lm)):
+                lm = make(pretrained=model, tokenizer=tokenizer, batch_size=16, max_length=2048)
+                start = time.perf_counter()
+                output = lm_eval_output(lm, [task], args.data_dir, args.limit, 0)[0]
+                times[name].append(time.perf_counter() - start)
+                samples[name] = {k: sorted((s["doc_id"], s["resps"]) for s in v) for k, v in output["samples"].items()}
+        stock, ours = statistics.median(times["stock"]), statistics.median(times["ours"])
+        totals["stock"] += stock
+        totals["ours"] += ours
+        print(f"| {task} | {stock:.1f} | {ours:.1f} | {stock / ours:.2f}x | {samples['stock'] == samples['ours']} |",
+              flush=True)
+    print(f"| all | {totals['stock']:.1f} | {totals['ours']:.1f} | {totals['stock'] / totals['ours']:.2f}x | |")
 
 
 def time_embedded(repeats: int) -> None:

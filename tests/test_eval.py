@@ -196,3 +196,38 @@ def test_models_are_moved_to_the_chosen_device_and_a_missing_gpu_is_one_line(tmp
     assert evaluation.main([*argv, "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("--device cuda: no CUDA device is visible here; use --device cpu")
+
+
+def scored_samples(output) -> dict:
+    return {key: [(s["doc_id"], s["resps"]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+            for key, samples in output["samples"].items()}
+
+
+def test_continuation_scoring_gives_stock_hflm_scores_and_skips_the_context_positions(tiny_benchmarks,
+                                                                                       tiny_checkpoint):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The real tasks' lengths (multi-token answers, shared one-token MMLU contexts) where present.
+    data_dir = SHARED_DATA if SHARED_DATA.exists() else tiny_benchmarks
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    kept, forward = [], model.forward
+
+    def recording_forward(*args, logits_to_keep=0, **kwargs):
+        output = forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+        kept.append((args[0].shape[1], output.logits.shape[1]))
+        return output
+
+    model.forward = recording_forward
+    tasks = list(evaluation.TASKS) + [evaluation.PERPLEXITY_TASK]
+    outputs = {}
+    for name, make in (("stock", HFLM), ("ours", evaluation.continuation_scoring_lm)):
+        kept.clear()
+        lm = make(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=256)
+        outputs[name] = evaluation.lm_eval_output(lm, tasks, data_dir, limit=2, num_fewshot=0)[0]
+    assert scored_samples(outputs["ours"]) == scored_samples(outputs["stock"])  # every log-likelihood, bit for bit
+    assert outputs["ours"]["results"] == outputs["stock"]["results"]
+    # Multiple-choice requests ran the head on fewer positions than their inputs have; wikitext's
+    # rolling windows score every position.
+    assert any(positions < length for length, positions in kept)
