@@ -1,7 +1,7 @@
 """On-policy distillation of a 4-bit student from its full-precision teacher.
 
     uv run accelerate launch train.py --lmbda 1 --quant-type int4 --output_dir run
-    uv run accelerate launch train.py --config configs/smollm2_int4_onpolicy.toml --max-steps 20
+    uv run accelerate launch train.py --config configs/smollm2_mxfp4.toml --max-steps 20
 
 Each optimizer step is on-policy with probability ``lmbda``: the student (with its
 quantized weights cached, ``quant.frozen_quant``) samples completions for the batch's
@@ -45,8 +45,8 @@ class TrainConfig:
     student_model: str | None = None  # a different starting point for the student (same tokenizer)
     dataset: str | None = None  # hub name or local .json/.jsonl/.parquet; default: the embedded set
     dataset_split: str = "train"
-    lmbda: float = 0.5  # probability that a step is on-policy (student generations)
-    beta: float = 0.5  # generalized JSD interpolation: 0 forward KL, 1 reverse KL
+    lmbda: float = 0.0  # probability that a step is on-policy (student generations); default: RESULTS.md stage 4
+    beta: float = 0.0  # generalized JSD interpolation: 0 forward KL, 1 reverse KL; default: RESULTS.md stage 2
     temperature: float = 0.9  # sampling temperature of the rollouts
     rollout_dtype: str = "float32"  # float32 | bfloat16: the quantized weights the rollouts compute with
     loss_temperature: float = 1.0  # temperature of the distributions the loss compares
@@ -55,7 +55,7 @@ class TrainConfig:
     quant_type: str = "mxfp4"  # mxfp4 | int4 | int4_sym | none
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
     scale_rule: str = "floor"  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per block)
-    learning_rate: float = 5e-6
+    learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
     max_steps: int = 100
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1

@@ -48,7 +48,7 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     assert (c.lmbda, c.quant_type, c.max_steps, c.per_device_train_batch_size) == (0.25, "int4", 9, 3)
     assert c.learning_rate == 2e-5 and c.seq_kd is True
     assert train.parse_config(["--output-dir", "x", "--batch_size", "5"]).per_device_train_batch_size == 5
-    assert train.default_output_dir(c) == "dump/int4_lmbda0.25_beta0.5_lr2e-05"
+    assert train.default_output_dir(c) == "dump/int4_lmbda0.25_beta0_lr2e-05"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -504,3 +504,13 @@ def test_bf16_mixed_precision_keeps_float32_weights_and_exact_mxfp4_values(tmp_p
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 2, 64).unsqueeze(1)
     q = fake_quantize(w, "mxfp4")
     assert torch.equal(q.to(torch.bfloat16).float(), q)
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_every_preset_parses_and_trains_a_student_export_can_ship(preset):
+    import export
+
+    c = train.parse_config(["--config", str(preset)])
+    train.validate(c)  # raises Abort on a value train.py would refuse
+    export.check_exportable({"quant_type": c.quant_type}, "compressed-tensors")
