@@ -8,9 +8,10 @@ the students' quantization settings: the baseline distillation must beat), then 
 checkpoint, always evaluated with its quantized weights as rebuilt from the settings saved
 in it. Tasks run through lm-evaluation-harness (zero-shot ``acc``, and ``acc_norm`` where
 the task has it) on an in-memory model, the head run only where a request is scored
-(``continuation_scoring_lm``: stock HFLM's scores, less arithmetic); perplexity is lm-eval's ``wikitext`` task (word
-perplexity; each document is scored in disjoint windows of ``--max-length`` tokens, every
-window after the first conditioned on the one token before it, i.e. stride = max-length).
+(``continuation_scoring_lm``: stock HFLM's scores, less arithmetic); perplexity is
+lm-eval's ``wikitext`` task (word perplexity; each document is scored in disjoint windows
+of ``--max-length`` tokens, every window after the first conditioned on the one token
+before it, i.e. stride = max-length).
 
 ``--data-dir DIR`` reads every task from local copies in the Hugging Face schemas
 (``DIR/<task>/<split>.jsonl``) through task configs that ``include`` lm-eval's own and
