@@ -1,6 +1,6 @@
 """On-policy distillation of a 4-bit student from its full-precision teacher.
 
-    uv run accelerate launch train.py --lmbda 1 --quant-type int4 --output_dir run
+    uv run accelerate launch train.py --lmbda 1 --quant-type int4_sym --output_dir run
     uv run accelerate launch train.py --config configs/smollm2_mxfp4.toml --max-steps 20
 
 Each optimizer step is on-policy with probability ``lmbda``: the student (with its

@@ -68,7 +68,9 @@ def one_step(args) -> dict:
             "trained_params": sum(p.numel() for p in student.parameters() if p.requires_grad)}
 
 
-VARIANTS = [dict(lora_r=r, gc=gc, bf16=bf16) for r, gc, bf16 in itertools.product((0, 32), (False, True), (False, True))]
+# Without any lever and with both first: an interrupted run has the table's extremes.
+VARIANTS = sorted((dict(lora_r=r, gc=gc, bf16=bf16) for r, gc, bf16 in itertools.product((0, 32), (False, True), (False, True))),
+                  key=lambda v: v["gc"] != v["bf16"])
 
 
 def variant_name(v: dict) -> str:
@@ -84,6 +86,8 @@ def main() -> None:
     p.add_argument("--widths", default="{}", help="JSON overrides of the config's widths (a smoke run)")
     p.add_argument("--results", default=str(ROOT / "results" / "bench" / "memory.json"),
                    help="measurements already in this file are reused (delete it to measure again)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="print the table of the variants already measured at both depths; run nothing")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lora-r", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
@@ -100,7 +104,7 @@ def main() -> None:
         peaks = []
         for layers in (low, high):
             key = f"{variant_name(v)} | {layers} layers | {shape}"
-            if key not in measured:
+            if key not in measured and not args.no_measure:
                 cmd = [sys.executable, __file__, "--one", "--layers", str(layers), "--batch", str(args.batch),
                        "--length", str(args.length), "--widths", args.widths, "--lora-r", str(v["lora_r"])]
                 cmd += ["--gc"] * v["gc"] + ["--bf16"] * v["bf16"]
@@ -111,7 +115,10 @@ def main() -> None:
                 tmp = results.with_suffix(".tmp")
                 tmp.write_text(json.dumps(measured, indent=1, sort_keys=True) + "\n")
                 tmp.replace(results)
-            peaks.append(measured[key]["peak_gib"])
+            if key in measured:
+                peaks.append(measured[key]["peak_gib"])
+        if len(peaks) < 2:
+            continue
         per_layer = (peaks[1] - peaks[0]) / (high - low)
         constant = peaks[0] - per_layer * low
         rows.append((variant_name(v), peaks, per_layer, constant + per_layer * QWEN3_4B_LAYERS))
