@@ -1,11 +1,18 @@
 """Where a trained student's gain sits (RESULTS.md): the 4-bit codes that changed, and the
 held-out KL with only some of its trained parameters put into round-to-nearest.
 
-    uv run python bench/gain_ablation.py dump/study/mxfp4_lr/lr0.0001_seed42/checkpoint-40
+With --by-layer, where the remaining gap sits: for round-to-nearest and for the trained
+student, the held-out KL with one kind of linear layer (q_proj, ..., down_proj), or one
+third of the decoder's depth, computing with its latent weights unquantized. The share of
+the gap that disappears is what that part's 4-bit rounding still costs.
+
+    uv run python bench/gain_ablation.py dump/study/mxfp4_lr/lr0.0001_seed42/checkpoint-40 [--by-layer]
 """
 
 import argparse
+import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +29,7 @@ from quant import FakeQuantLinear, frozen_quant  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
+    parser.add_argument("--by-layer", action="store_true", help="the gap each kind and depth of layer still holds")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint)
     settings = json.loads((checkpoint / "config.json").read_text())["fake_quant"]
@@ -52,6 +60,48 @@ def main() -> None:
         with frozen_quant(model):
             kl_sum, tokens = heldout_kl_sums(teacher, model, examples, tokenizer.pad_token_id)
         print(f"{label}: held-out KL {kl_sum / tokens:.4f}")
+    if args.by_layer:
+        for label, model in (("round-to-nearest", reference), ("trained student", full)):
+            gap_by_layer(label, model, lambda m: heldout_kl(teacher, m, examples, tokenizer.pad_token_id))
+
+
+def heldout_kl(teacher, student, examples, pad_token_id) -> float:
+    kl_sum, tokens = heldout_kl_sums(teacher, student, examples, pad_token_id)
+    return kl_sum / tokens
+
+
+@contextlib.contextmanager
+def unquantized(layers):
+    """These FakeQuantLinear layers compute with their latent weights as they are."""
+    for m in layers:
+        m.quantized_weight = lambda m=m: m.weight  # the instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.quantized_weight
+
+
+def gap_by_layer(label: str, model, kl) -> None:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    depth = {name: int(re.search(r"\.(\d+)\.", name).group(1)) for name in layers}
+    n = max(depth.values()) + 1
+    parts = {f"{kind} (all layers)": [m for name, m in layers.items() if name.endswith("." + kind)]
+             for kind in dict.fromkeys(name.rsplit(".", 1)[1] for name in layers)}
+    for third in range(3):
+        low, high = third * n // 3, (third + 1) * n // 3
+        parts[f"decoder layers {low}-{high - 1} (all kinds)"] = [m for name, m in layers.items()
+                                                                 if low <= depth[name] < high]
+    total = kl(model)
+    print(f"\n{label}: held-out KL {total:.4f}; with one part unquantized:")
+    print("| part unquantized | share of the weights | held-out KL | share of the gap removed |")
+    print("|---|---|---|---|")
+    weights = sum(m.weight.numel() for m in layers.values())
+    for part, chosen in parts.items():
+        with unquantized(chosen):
+            value = kl(model)
+        share = sum(m.weight.numel() for m in chosen) / weights
+        print(f"| {part} | {share:.1%} | {value:.4f} | {1 - value / total:.1%} |", flush=True)
 
 
 if __name__ == "__main__":
