@@ -6,9 +6,13 @@ from the config (no download), at two depths. Each variant runs in its own proce
 bfloat16 teacher and the float32 MXFP4 student built as train.py builds them, AdamW over
 what trains with its state already allocated (as in every step after the first), one step
 of the fused loss (beta 0.5) on a batch of 4 x 1024 tokens (the last 512 of each scored),
-and the process's peak resident memory (``ru_maxrss``) after the optimizer step. Peak = a + b * layers is fitted through the two depths and read at 36
-layers (Qwen3-4B's depth). The constant a holds the embedding, head, loss buffers, the
-Python and torch runtime; on a GPU the runtime part is the CUDA context instead.
+and the process's peak resident memory (``ru_maxrss``) twice: after the backward (the
+forward and backward: activations, the quantized weights saved for the backward) and after
+the optimizer step (all gradients at once). Each phase's peak is a + b * layers, fitted
+through the two depths; the larger of the two, read at 36 layers (Qwen3-4B's depth), is the
+estimate. The constants hold the embedding, head, loss buffers, the Python and torch
+runtime; on a GPU the runtime part is the CUDA context instead, and the caching
+allocator's reserved memory plays the part of the resident memory that freed tensors leave.
 
     uv run python bench/bench_memory.py [--depths 1 2] [--batch 4] [--length 1024]
 
@@ -56,13 +60,13 @@ def one_step(args) -> dict:
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     student, optimizer = accelerator.prepare(student, optimizer)
     # A run's steps after the first hold AdamW's two state tensors through the forward and
-    # backward: create them first (a step on zero gradients), so the one step measured is
-    # such a step rather than the first, which peaks lower.
+    # backward: create them first, one parameter at a time (a step on its zero gradient), so
+    # that the step measured is such a step and the set-up never holds all gradients at once.
     trained = [p for p in student.parameters() if p.requires_grad]
     for p in trained:
         p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        p.grad = None
     loss_fn = DistillationLoss(student, teacher, beta=0.5)
     ids = torch.randint(0, widths["vocab_size"], (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     labels = torch.full_like(ids, -100)
@@ -70,15 +74,26 @@ def one_step(args) -> dict:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     loss = loss_fn(batch, int((labels != -100).sum()))
     accelerator.backward(loss)
+    through_backward = peak_rss_gib()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+    return {"peak_gib": peak_rss_gib(), "peak_through_backward_gib": through_backward,
             "trained_params": sum(p.numel() for p in trained)}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
 # Without any lever and with both first: an interrupted run has the table's extremes.
 VARIANTS = sorted((dict(lora_r=r, gc=gc, bf16=bf16) for r, gc, bf16 in itertools.product((0, 32), (False, True), (False, True))),
                   key=lambda v: v["gc"] != v["bf16"])
+
+
+def line(low: int, high: int, at_low: float, at_high: float) -> tuple[float, float]:
+    """(GiB a layer, GiB at no layers) through two measured depths."""
+    slope = (at_high - at_low) / (high - low)
+    return slope, at_low - slope * low
 
 
 def variant_name(v: dict) -> str:
@@ -124,12 +139,17 @@ def main() -> None:
                 tmp.write_text(json.dumps(measured, indent=1, sort_keys=True) + "\n")
                 tmp.replace(results)
             if key in measured:
-                peaks.append(measured[key]["peak_gib"])
+                peaks.append(measured[key])
         if len(peaks) < 2:
             continue
-        per_layer = (peaks[1] - peaks[0]) / (high - low)
-        constant = peaks[0] - per_layer * low
-        rows.append((variant_name(v), peaks, per_layer, constant + per_layer * QWEN3_4B_LAYERS))
+        # The forward + backward (activations, saved quantized weights) and the optimizer step
+        # (all gradients at once) peak at different times and grow at different rates with
+        # depth: extrapolate each and take the larger.
+        lines = [line(low, high, peaks[0][phase], peaks[1][phase]) for phase in ("peak_through_backward_gib", "peak_gib")]
+        per_layer, at_depth = max(((slope, slope * QWEN3_4B_LAYERS + constant) for slope, constant in lines),
+                                  key=lambda pair: pair[1])
+        peaks = [p["peak_gib"] for p in peaks]
+        rows.append((variant_name(v), peaks, per_layer, at_depth))
         print(f"{rows[-1][0]:32s} measured {peaks[0]:6.2f} / {peaks[1]:6.2f} GiB at {low} / {high} layers, "
               f"{per_layer:5.2f} GiB a layer -> {rows[-1][3]:6.1f} GiB at {QWEN3_4B_LAYERS} layers", flush=True)
     print(f"\n{shape}")
