@@ -109,8 +109,8 @@ def main() -> None:
     p.add_argument("--widths", default="{}", help="JSON overrides of the config's widths (a smoke run)")
     p.add_argument("--results", default=str(ROOT / "results" / "bench" / "memory.json"),
                    help="measurements already in this file are reused (delete it to measure again)")
-    p.add_argument("--without-bf16", action="store_true",
-                   help="only the float32-compute variants (bf16 autocast is slow on CPUs without bf16 instructions)")
+    p.add_argument("--variants", help="comma-separated names to measure (default: all; bf16 autocast is slow "
+                                      "on CPUs without bf16 instructions), e.g. 'full,LoRA r32 + grad ckpt'")
     p.add_argument("--no-measure", action="store_true",
                    help="print the table of the variants already measured at both depths; run nothing")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -126,7 +126,7 @@ def main() -> None:
     measured = json.loads(results.read_text()) if results.exists() else {}
     shape = f"batch {args.batch} x {args.length}, widths {json.dumps({**QWEN3_4B, **json.loads(args.widths)}, sort_keys=True)}"
     for v in VARIANTS:
-        if v["bf16"] and args.without_bf16:
+        if args.variants and variant_name(v) not in [n.strip() for n in args.variants.split(",")]:
             continue
         peaks = []
         for layers in (low, high):
