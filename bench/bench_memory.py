@@ -14,10 +14,11 @@ estimate. The constants hold the embedding, head, loss buffers, the Python and t
 runtime; on a GPU the runtime part is the CUDA context instead, and the caching
 allocator's reserved memory plays the part of the resident memory that freed tensors leave.
 
-    uv run python bench/bench_memory.py [--depths 1 2] [--batch 4] [--length 1024]
+    uv run python bench/bench_memory.py [--variants "full,LoRA r32 + grad ckpt"] [--depths 1 2] [--batch 4] [--length 1024]
 
 Each measurement is written to ``results/bench/memory.json`` as it lands and reused by the
-next run (about 7 minutes a process here, 16 processes): interrupt it and run it again.
+next run (3 to 7 minutes a process here, two per variant, much longer for bf16 on a CPU
+without bf16 instructions): interrupt it and run it again.
 
 Variants: full-parameter or LoRA r32 (all linear layers), each without and with gradient
 checkpointing and bf16 compute (``--mixed-precision bf16``).
@@ -57,12 +58,12 @@ def one_step(args) -> dict:
                           mixed_precision="bf16" if args.bf16 else "no")
     train.prepare_student(student, c)
     accelerator = Accelerator(mixed_precision=c.mixed_precision)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5)
     student, optimizer = accelerator.prepare(student, optimizer)
     # A run's steps after the first hold AdamW's two state tensors through the forward and
     # backward: create them first, one parameter at a time (a step on its zero gradient), so
     # that the step measured is such a step and the set-up never holds all gradients at once.
-    trained = [p for p in student.parameters() if p.requires_grad]
     for p in trained:
         p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -125,8 +126,12 @@ def main() -> None:
     results = Path(args.results)
     measured = json.loads(results.read_text()) if results.exists() else {}
     shape = f"batch {args.batch} x {args.length}, widths {json.dumps({**QWEN3_4B, **json.loads(args.widths)}, sort_keys=True)}"
+    chosen = [n.strip() for n in args.variants.split(",")] if args.variants else [variant_name(v) for v in VARIANTS]
+    unknown = set(chosen) - {variant_name(v) for v in VARIANTS}
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; valid: {', '.join(variant_name(v) for v in VARIANTS)}")
     for v in VARIANTS:
-        if args.variants and variant_name(v) not in [n.strip() for n in args.variants.split(",")]:
+        if variant_name(v) not in chosen:
             continue
         peaks = []
         for layers in (low, high):

@@ -58,8 +58,7 @@ def main() -> None:
                                  ("trained linear layers only", True, False), ("trained student", True, True)):
         model, _ = student(linear, other)
         with frozen_quant(model):
-            kl_sum, tokens = heldout_kl_sums(teacher, model, examples, tokenizer.pad_token_id)
-        print(f"{label}: held-out KL {kl_sum / tokens:.4f}")
+            print(f"{label}: held-out KL {heldout_kl(teacher, model, examples, tokenizer.pad_token_id):.4f}")
     if args.by_layer:
         for label, model in (("round-to-nearest", reference), ("trained student", full)):
             gap_by_layer(label, model, lambda m: heldout_kl(teacher, m, examples, tokenizer.pad_token_id))
