@@ -6,7 +6,11 @@ student, the held-out KL with one kind of linear layer (q_proj, ..., down_proj),
 third of the decoder's depth, computing with its latent weights unquantized. The share of
 the gap that disappears is what that part's 4-bit rounding still costs.
 
-    uv run python bench/gain_ablation.py dump/study/mxfp4_lr/lr0.0001_seed42/checkpoint-40 [--by-layer]
+With --train-split, how far the gain generalizes: the same KL teacher-forced on the
+training set's reference completions, which the student was fitted to, beside the
+held-out one, for round-to-nearest and the trained student.
+
+    uv run python bench/gain_ablation.py dump/study/mxfp4_lr/lr0.0001_seed42/checkpoint-40 [--by-layer] [--train-split]
 """
 
 import argparse
@@ -30,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--by-layer", action="store_true", help="the gap each kind and depth of layer still holds")
+    parser.add_argument("--train-split", action="store_true", help="the KL on the training set beside the held-out one")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint)
     settings = json.loads((checkpoint / "config.json").read_text())["fake_quant"]
@@ -59,6 +64,14 @@ def main() -> None:
         model, _ = student(linear, other)
         with frozen_quant(model):
             print(f"{label}: held-out KL {heldout_kl(teacher, model, examples, tokenizer.pad_token_id):.4f}")
+    if args.train_split:
+        train_examples = heldout_examples(tokenizer, split="train")
+        print(f"\nKL teacher-forced on the training set ({len(train_examples)} responses) and the held-out set:")
+        for label, model in (("round-to-nearest", reference), ("trained student", full)):
+            with frozen_quant(model):
+                on_train = heldout_kl(teacher, model, train_examples, tokenizer.pad_token_id)
+                held_out = heldout_kl(teacher, model, examples, tokenizer.pad_token_id)
+            print(f"{label}: training set {on_train:.4f}, held-out {held_out:.4f}", flush=True)
     if args.by_layer:
         for label, model in (("round-to-nearest", reference), ("trained student", full)):
             gap_by_layer(label, model, lambda m: heldout_kl(teacher, m, examples, tokenizer.pad_token_id))
