@@ -5,7 +5,8 @@
    default (16) must not be more than 20% slower than the best fixed size.
 2. With --embedded: `eval.py --embedded`'s held-out metrics of the MXFP4 round-to-nearest
    student (held-out KL, greedy completions, the teacher's NLL of them) with greedy
-   decoding in batches of 8 (the former default) and of eval.EMBEDDED_BATCH, median seconds.
+   decoding in batches of each of --embedded-batches (default eval.EMBEDDED_BATCH; 8 was
+   the former default), median seconds, and the teacher-forced KL's share of them.
 3. With --scoring: each of the five tasks and wikitext at --limit items on the embedded
    teacher, scored by stock lm-eval HFLM and by eval.py's continuation-only scoring
    (alternating, median of --repeats): seconds, speed-up, and whether every item's scores
@@ -41,6 +42,7 @@ def main():
     parser.add_argument("--batch-sizes", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--embedded", action="store_true", help="time the embedded held-out metrics instead")
+    parser.add_argument("--embedded-batches", default=None, help="decoding batch sizes for --embedded, e.g. 8,64")
     parser.add_argument("--scoring", action="store_true", help="stock HFLM against continuation-only scoring")
     parser.add_argument("--scoring-tasks", default="hellaswag,arc_easy,arc_challenge,winogrande,mmlu,wikitext",
                         help="with --scoring: the tasks to time")
@@ -48,7 +50,7 @@ def main():
     parser.add_argument("--full-limit", type=int, default=200)
     args = parser.parse_args()
     if args.embedded:
-        return time_embedded(args.repeats)
+        return time_embedded(args.repeats, args.embedded_batches)
     if not Path(args.data_dir).is_dir():
         raise SystemExit(f"no benchmark copies at {args.data_dir}; pass --data-dir")
     model, tokenizer = load_model()
@@ -107,27 +109,37 @@ def time_scoring(model, tokenizer, args) -> None:
     print(f"| all | {totals['stock']:.1f} | {totals['ours']:.1f} | {totals['stock'] / totals['ours']:.2f}x | |")
 
 
-def time_embedded(repeats: int) -> None:
+def time_embedded(repeats: int, batches: str | None) -> None:
     import copy
 
-    from eval import EMBEDDED_BATCH, embedded_eval
-    from quant import quantize_model
+    from eval import EMBEDDED_BATCH, embedded_eval, heldout_examples, heldout_kl_sums
+    from quant import frozen_quant, quantize_model
 
     teacher, tokenizer = load_model()
+    teacher.eval()
     student = copy.deepcopy(teacher)
     quantize_model(student, "mxfp4")
-    times, results = {8: [], EMBEDDED_BATCH: []}, {}
+    student.eval()
+    sizes = [int(b) for b in batches.split(",")] if batches else [EMBEDDED_BATCH]
+    times, results = {size: [] for size in sizes}, {}
+    kl_times = []
+    examples = heldout_examples(tokenizer)
     for _ in range(repeats):
-        for size in times:
+        for size in sizes:
             start = time.perf_counter()
-            results[size] = embedded_eval(teacher.eval(), student.eval(), tokenizer, batch_size=size)
+            results[size] = embedded_eval(teacher, student, tokenizer, batch_size=size)
             times[size].append(time.perf_counter() - start)
-    base = statistics.median(times[8])
-    print(f"embedded held-out metrics of the mxfp4 round-to-nearest student, median of {repeats}")
+        start = time.perf_counter()
+        with frozen_quant(student), torch.no_grad():
+            heldout_kl_sums(teacher, student, examples, tokenizer.pad_token_id)
+        kl_times.append(time.perf_counter() - start)
+    base = statistics.median(times[sizes[0]])
+    print(f"embedded held-out metrics of the mxfp4 round-to-nearest student ({len(examples)} prompts), "
+          f"median of {repeats}, {torch.get_num_threads()} threads")
     for size, values in times.items():
         print(f"  decoding batch {size:3d}: {statistics.median(values):6.1f} s  {base / statistics.median(values):.2f}x"
               f"  {results[size]}")
-
+    print(f"  of which the teacher-forced KL (both models' forwards): {statistics.median(kl_times):6.1f} s")
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@
 1. Generation, 4 prompts x 64 new tokens (greedy): the fake-quant student inside the
    rollout cache (`frozen_quant`) against the same model unquantized, against the
    student re-quantizing its weights on every forward, and with the cache in bfloat16
-   (`--rollout-dtype bfloat16`).
+   (`--rollout-dtype bfloat16`). What bounds a decode step: its median time against the
+   matrix products it cannot avoid (every linear weight and the head, applied to a batch of
+   4 rows, float32) and against reading those weights' bytes once (a sum).
 2. One training step (forward + backward, batch 4 x 256 tokens): the fake-quant student
    against the unquantized model, and with LoRA r32 adapters in every quantized layer
    (``--lora-r 32``: forms W + s B A and quantizes it every forward).
@@ -85,6 +87,7 @@ def main():
     print(f"  cache vs unquantized:   {cached / tps['unquantized']:.2f}x  (target >= 0.9x)")
     print(f"  cache vs re-quantizing: {cached / tps['fake-quant, re-quantize every forward']:.2f}x  (target >= 3x)")
     print(f"  bfloat16 cache vs cache: {tps['fake-quant, bfloat16 rollout cache'] / cached:.2f}x")
+    decode_bound(model, len(PROMPTS), args.new_tokens / tps["unquantized"] * len(PROMPTS), args.repeats)
 
     ids = torch.randint(0, model.config.vocab_size, (4, args.seq_len))
 
@@ -108,6 +111,32 @@ def main():
         print(f"  {name:40s} {value:8.2f} s")
     print(f"  fake-quant vs unquantized: {med['fake-quant'] / med['unquantized']:.2f}x time  (target <= 1.15x)")
     print(f"  LoRA r32 vs full-parameter fake-quant: {med['fake-quant + LoRA r32'] / med['fake-quant']:.2f}x time")
+
+
+def decode_bound(model, batch: int, step_s: float, repeats: int) -> None:
+    """A decode step against its floors: one product of a [batch, in] activation with every
+    weight matrix the step reads (linear layers and the head), and one read of those bytes."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    inputs = [torch.randn(batch, w.shape[1]) for w in weights]
+
+    def products():
+        for x, w in zip(inputs, weights):
+            torch.nn.functional.linear(x, w)
+
+    def read():
+        for w in weights:
+            w.sum()
+
+    floors = {}
+    for name, fn in (("matrix products", products), ("read once", read)):
+        fn()
+        floors[name] = statistics.median(timed(fn) for _ in range(max(repeats, 5)))
+    print(f"  a decode step (unquantized, batch {batch}): {step_s * 1e3:.1f} ms; its weights: "
+          f"{nbytes / 2**20:.0f} MiB float32")
+    for name, seconds in floors.items():
+        print(f"    {name:16s} {seconds * 1e3:6.1f} ms ({nbytes / seconds / 1e9:5.1f} GB/s): "
+              f"the step takes {step_s / seconds:.2f}x this")
 
 
 if __name__ == "__main__":
