@@ -54,7 +54,8 @@ class TrainConfig:
     seq_kd: bool = False  # off-policy steps use teacher samples instead of dataset completions
     quant_type: str = "mxfp4"  # mxfp4 | int4 | int4_sym | none
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
-    scale_rule: str = "floor"  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per block)
+    scale_rule: str | None = None  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per
+    # block; the default for mxfp4, RESULTS.md stage 5); INT4 has no scale rule (floor is recorded)
     learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
     max_steps: int = 100
     per_device_train_batch_size: int = 4
@@ -133,6 +134,8 @@ def parse_config(argv=None) -> TrainConfig:
     values.update(cli)
     config = TrainConfig(**values)
     validate(config)
+    if config.scale_rule is None:
+        config.scale_rule = "mse" if config.quant_type == "mxfp4" else "floor"
     return config
 
 
@@ -149,8 +152,11 @@ def validate(c: TrainConfig) -> None:
             raise Abort(f"--{name} must be in [0, 1], got {value}")
     if c.quant_type not in QUANT_CHOICES:
         raise Abort(f"--quant-type must be one of {', '.join(QUANT_CHOICES)}, got {c.quant_type!r}")
-    if c.scale_rule not in SCALE_RULES:
+    if c.scale_rule is not None and c.scale_rule not in SCALE_RULES:
         raise Abort(f"--scale-rule must be one of {', '.join(SCALE_RULES)}, got {c.scale_rule!r}")
+    if c.scale_rule not in (None, "floor") and c.quant_type != "mxfp4":
+        raise Abort(f"--scale-rule {c.scale_rule} chooses MXFP4 block exponents; {c.quant_type} has no such "
+                    f"choice (drop the flag)")
     for name in ("temperature", "loss_temperature", "learning_rate"):
         if not getattr(c, name) > 0:
             raise Abort(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")

@@ -57,6 +57,7 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--model", "./no/such/model"], "model path './no/such/model' does not exist"),
     (["--rollout-dtype", "float16"], "--rollout-dtype must be float32 or bfloat16"),
     (["--mixed-precision", "fp16"], "--mixed-precision must be no or bf16"),
+    (["--quant-type", "int4_sym", "--scale-rule", "mse"], "--scale-rule mse chooses MXFP4 block exponents"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -64,6 +65,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not output_dir.exists()
+
+
+def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
+    assert train.parse_config([]).scale_rule == "mse"  # RESULTS.md stage 5
+    assert train.parse_config(["--scale-rule", "floor"]).scale_rule == "floor"
+    assert train.parse_config(["--quant-type", "int4_sym"]).scale_rule == "floor"
+    assert train.parse_config(["--quant-type", "int4", "--scale-rule", "floor"]).scale_rule == "floor"
 
 
 def test_unknown_flag_or_choice_is_one_line(capsys):
