@@ -450,7 +450,11 @@ def sweep(args, train_flags: list[str]) -> int:
                 print(f"error: eval.py on {run['name']} exited with {code}", file=sys.stderr)
                 return code
         result = collect_result(run, args.launcher, args.eval_flags)
-        (results_dir / f"{run['name']}.json").write_text(json.dumps(result, indent=1))
+        result_file = results_dir / f"{run['name']}.json"
+        if result["eval"] is not None and result["commands"]["eval"] is None and result_file.exists():
+            # evaluated by an earlier sweep command: keep the command that made the evaluation kept
+            result["commands"]["eval"] = json.loads(result_file.read_text())["commands"].get("eval")
+        result_file.write_text(json.dumps(result, indent=1))
     print(write_summary(results_dir))
     return 0
 

@@ -89,6 +89,11 @@ def test_interrupted_runs_resume_and_the_committed_results_summarize_alone(tmp_p
     runs = sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, train_flags(tiny_checkpoint, chat_dataset,
                                                                         "--max-steps", "2"), root)
     assert [r["action"] for r in runs] == ["done"]
+    # the same grid again without --eval: the result keeps the evaluation and the command that made it
+    evaluated = results_in(root / "results")
+    without_eval = argv[:argv.index("--eval")] + argv[argv.index("--eval") + 2:]
+    assert sweep.main(without_eval) == 0
+    assert results_in(root / "results") == evaluated
 
     committed = tmp_path / "committed"
     shutil.copytree(root / "results", committed)
