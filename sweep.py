@@ -323,6 +323,9 @@ def plot_summary(results: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # swept values are drawn as categories on purpose (one column each): no log line per point
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
+
     written = []
     for x_key, label, name in (("step", "optimizer step", "curves_step.png"),
                                ("train_s", "training time (min)", "curves_time.png")):
