@@ -5,7 +5,8 @@
    student re-quantizing its weights on every forward, and with the cache in bfloat16
    (`--rollout-dtype bfloat16`). What bounds a decode step: its median time against the
    matrix products it cannot avoid (every linear weight and the head, applied to a batch of
-   4 rows, float32) and against reading those weights' bytes once (a sum).
+   4 rows, float32; and with bfloat16 weights, half the bytes) and against reading those
+   weights' bytes once (a sum).
 2. One training step (forward + backward, batch 4 x 256 tokens): the fake-quant student
    against the unquantized model, and with LoRA r32 adapters in every quantized layer
    (``--lora-r 32``: forms W + s B A and quantizes it every forward).
@@ -120,22 +121,24 @@ def decode_bound(model, batch: int, step_s: float, repeats: int) -> None:
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     inputs = [torch.randn(batch, w.shape[1]) for w in weights]
 
-    def products():
-        for x, w in zip(inputs, weights):
+    halves = [w.bfloat16() for w in weights]
+    half_inputs = [x.bfloat16() for x in inputs]
+
+    def products(xs=inputs, ws=weights):
+        for x, w in zip(xs, ws):
             torch.nn.functional.linear(x, w)
 
     def read():
         for w in weights:
             w.sum()
 
-    floors = {}
-    for name, fn in (("matrix products", products), ("read once", read)):
-        fn()
-        floors[name] = statistics.median(timed(fn) for _ in range(max(repeats, 5)))
     print(f"  a decode step (unquantized, batch {batch}): {step_s * 1e3:.1f} ms; its weights: "
           f"{nbytes / 2**20:.0f} MiB float32")
-    for name, seconds in floors.items():
-        print(f"    {name:16s} {seconds * 1e3:6.1f} ms ({nbytes / seconds / 1e9:5.1f} GB/s): "
+    for name, fn, size in (("matrix products", products, nbytes), ("read once", read, nbytes),
+                           ("bf16 products", lambda: products(half_inputs, halves), nbytes // 2)):
+        fn()
+        seconds = statistics.median(timed(fn) for _ in range(max(repeats, 5)))
+        print(f"    {name:16s} {seconds * 1e3:6.1f} ms ({size / seconds / 1e9:5.1f} GB/s): "
               f"the step takes {step_s / seconds:.2f}x this")
 
 
