@@ -11,12 +11,16 @@
    teacher, scored by stock lm-eval HFLM and by eval.py's continuation-only scoring
    (alternating, median of --repeats): seconds, speed-up, and whether every item's scores
    are identical.
-4. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
+4. With --bound: what bounds a row: the embedded teacher's forward over a batch of 2 x 2048
+   tokens (a perplexity batch: every position scored) in GFLOP/s, counted from its weights
+   and causal attention, against the float32 matrix-product rate of this machine (a
+   2048 x 2048 product). A forward near that rate leaves no 2x without less arithmetic.
+5. With --full CHECKPOINT: wall time of `eval.py CHECKPOINT` (teacher, ptq, student rows,
    all five tasks and perplexity, --limit items per task, no row cache).
 
 Needs local benchmark copies (--data-dir, default ../shared/data/benchmarks).
 
-    uv run python bench/bench_eval.py [--limit 100] [--embedded] [--scoring] [--full dump/run --full-limit 200]
+    uv run python bench/bench_eval.py [--limit 100] [--embedded] [--scoring] [--bound] [--full dump/run --full-limit 200]
 """
 
 import argparse
@@ -30,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench_quant import timed  # noqa: E402
 from eval import run_lm_eval  # noqa: E402
 from models import load_model  # noqa: E402
 
@@ -46,11 +51,14 @@ def main():
     parser.add_argument("--scoring", action="store_true", help="stock HFLM against continuation-only scoring")
     parser.add_argument("--scoring-tasks", default="hellaswag,arc_easy,arc_challenge,winogrande,mmlu,wikitext",
                         help="with --scoring: the tasks to time")
+    parser.add_argument("--bound", action="store_true", help="a forward's arithmetic rate against the machine's")
     parser.add_argument("--full", help="a checkpoint or run directory for the end-to-end timing")
     parser.add_argument("--full-limit", type=int, default=200)
     args = parser.parse_args()
     if args.embedded:
         return time_embedded(args.repeats, args.embedded_batches)
+    if args.bound:
+        return arithmetic_bound(args.repeats)
     if not Path(args.data_dir).is_dir():
         raise SystemExit(f"no benchmark copies at {args.data_dir}; pass --data-dir")
     model, tokenizer = load_model()
@@ -107,6 +115,28 @@ def time_scoring(model, tokenizer, args) -> None:
         print(f"| {task} | {stock:.1f} | {ours:.1f} | {stock / ours:.2f}x | {samples['stock'] == samples['ours']} |",
               flush=True)
     print(f"| all | {totals['stock']:.1f} | {totals['ours']:.1f} | {totals['stock'] / totals['ours']:.2f}x | |")
+
+
+def arithmetic_bound(repeats: int, batch: int = 2, length: int = 2048) -> None:
+    model, _ = load_model()
+    model.eval()
+    config = model.config
+    params = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size * (
+        0 if config.tie_word_embeddings else 1)  # the embedding lookup is no arithmetic; the head is
+    attention = 2 * config.num_hidden_layers * length * config.hidden_size  # QK^T and AV, causal: half of 4 T d
+    flops = batch * length * (2 * params + attention)
+    ids = torch.randint(0, config.vocab_size, (batch, length))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    with torch.no_grad():
+        model(input_ids=ids)
+        forward = statistics.median(timed(lambda: model(input_ids=ids)) for _ in range(repeats))
+        torch.mm(a, b)
+        product = statistics.median(timed(lambda: torch.mm(a, b)) for _ in range(max(repeats, 5)))
+    machine = 2 * 2048 ** 3 / product / 1e9
+    print(f"embedded teacher forward, {batch} x {length} tokens, {torch.get_num_threads()} threads: "
+          f"{forward:.2f} s, {batch * length / forward:.0f} tokens/s, {flops / forward / 1e9:.1f} GFLOP/s")
+    print(f"float32 2048 x 2048 matrix product: {machine:.1f} GFLOP/s; the forward runs at "
+          f"{flops / forward / 1e9 / machine:.0%} of it")
 
 
 def time_embedded(repeats: int, batches: str | None) -> None:
