@@ -88,7 +88,7 @@ def main():
     print(f"  cache vs unquantized:   {cached / tps['unquantized']:.2f}x  (target >= 0.9x)")
     print(f"  cache vs re-quantizing: {cached / tps['fake-quant, re-quantize every forward']:.2f}x  (target >= 3x)")
     print(f"  bfloat16 cache vs cache: {tps['fake-quant, bfloat16 rollout cache'] / cached:.2f}x")
-    decode_bound(model, len(PROMPTS), args.new_tokens / tps["unquantized"] * len(PROMPTS), args.repeats)
+    decode_bound(model, len(PROMPTS), len(PROMPTS) / tps["unquantized"], args.repeats)  # s a decode step
 
     ids = torch.randint(0, model.config.vocab_size, (4, args.seq_len))
 
