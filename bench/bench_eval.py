@@ -171,5 +171,6 @@ def time_embedded(repeats: int, batches: str | None) -> None:
               f"  {results[size]}")
     print(f"  of which the teacher-forced KL (both models' forwards): {statistics.median(kl_times):6.1f} s")
 
+
 if __name__ == "__main__":
     main()

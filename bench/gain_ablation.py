@@ -59,19 +59,20 @@ def main() -> None:
                 changed += int((a.quantized_weight() != b.quantized_weight()).sum())
                 total += a.weight.numel()
     print(f"4-bit codes changed from round-to-nearest: {changed / total:.2%} of {total:,}")
+    held_out = {}
     for label, linear, other in (("round-to-nearest", False, False), ("trained norms and embedding only", False, True),
                                  ("trained linear layers only", True, False), ("trained student", True, True)):
         model, _ = student(linear, other)
         with frozen_quant(model):
-            print(f"{label}: held-out KL {heldout_kl(teacher, model, examples, tokenizer.pad_token_id):.4f}")
+            held_out[label] = heldout_kl(teacher, model, examples, tokenizer.pad_token_id)
+        print(f"{label}: held-out KL {held_out[label]:.4f}")
     if args.train_split:
         train_examples = heldout_examples(tokenizer, split="train")
         print(f"\nKL teacher-forced on the training set ({len(train_examples)} responses) and the held-out set:")
         for label, model in (("round-to-nearest", reference), ("trained student", full)):
             with frozen_quant(model):
                 on_train = heldout_kl(teacher, model, train_examples, tokenizer.pad_token_id)
-                held_out = heldout_kl(teacher, model, examples, tokenizer.pad_token_id)
-            print(f"{label}: training set {on_train:.4f}, held-out {held_out:.4f}", flush=True)
+            print(f"{label}: training set {on_train:.4f}, held-out {held_out[label]:.4f}", flush=True)
     if args.by_layer:
         for label, model in (("round-to-nearest", reference), ("trained student", full)):
             gap_by_layer(label, model, lambda m: heldout_kl(teacher, m, examples, tokenizer.pad_token_id))
