@@ -168,3 +168,37 @@ def test_a_hub_dataset_is_read_lazily_and_a_bad_row_is_named_when_drawn(embedded
         rows[1]
     with pytest.raises(ValueError, match="row [135]: 'text' must be a string"):
         examples_in_use_order(rows, embedded_tokenizer, max_length=32, count=6, seed=0)
+
+
+def _instruction_maker():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "assets"))
+    import make_instructions
+
+    return make_instructions
+
+
+def test_the_instruction_templates_reproduce_the_embedded_prompts_in_order():
+    maker = _instruction_maker()
+    embedded = [r["messages"][0]["content"] for r in load_records(None, "train")]
+    heldout = [r["messages"][0]["content"] for r in load_records(None, "heldout")]
+    prompts = [p for _, p in maker.make_prompts(0)]
+    assert [p for i, p in enumerate(prompts) if i % 10 != 9] == embedded
+    assert [p for i, p in enumerate(prompts) if i % 10 == 9] == heldout
+
+
+def test_extra_prompts_are_new_distinct_reproducible_and_in_the_embedded_mix():
+    maker = _instruction_maker()
+    base = maker.make_prompts(0)
+    extra = maker.make_extra_prompts(1, 600, {p for _, p in base})
+    texts = [p for _, p in extra]
+    assert len(texts) == len(set(texts)) == 600
+    assert not set(texts) & {p for _, p in base}  # held-out prompts never become training prompts
+    assert extra == maker.make_extra_prompts(1, 600, {p for _, p in base})
+    share = {c: sum(1 for cat, _ in extra if cat == c) / 600 for c in {c for c, _ in base}}
+    base_share = {c: sum(1 for cat, _ in base if cat == c) / len(base) for c in share}
+    assert all(abs(share[c] - base_share[c]) < 0.05 for c in share), (share, base_share)
+    with pytest.raises(ValueError, match="ask for fewer"):
+        maker.make_extra_prompts(1, 5000, {p for _, p in base})
