@@ -280,7 +280,7 @@ class Run:
     examples: list  # the run's examples in the order its steps use them
     eval_examples: list
     start_step: int
-    totals: dict  # train_s, tokens_generated, heldout_kl_step0: carried over a resumption
+    totals: dict  # train_s, tokens_generated, on_policy_steps, heldout_kl_step0: carried over a resumption
 
 
 def main(argv=None) -> int:
@@ -339,7 +339,7 @@ def set_up(c: TrainConfig) -> Run:
                             fused=c.fused_loss and accelerator.distributed_type != DistributedType.FSDP)
     run = Run(c, accelerator, teacher, student, accelerator.unwrap_model(student), tokenizer, optimizer, scheduler,
               loss, examples, eval_examples, start_step=0,
-              totals={"train_s": 0.0, "tokens_generated": 0, "heldout_kl_step0": None})
+              totals={"train_s": 0.0, "tokens_generated": 0, "on_policy_steps": 0, "heldout_kl_step0": None})
     if resume_from is not None:
         try:
             state = checkpoints.load(accelerator, resume_from)
@@ -347,6 +347,8 @@ def set_up(c: TrainConfig) -> Run:
             raise Abort(str(e)) from None
         run.start_step = state["step"]
         run.totals.update({k: state[k] for k in run.totals if k in state})
+        if "on_policy_steps" not in state:  # a checkpoint from before the count was saved
+            run.totals["on_policy_steps"] = round(state.get("on_policy_fraction", 0.0) * state["step"])
         log.info("resumed from %s at step %d", resume_from, run.start_step)
     out = Path(c.output_dir)
     if accelerator.is_main_process:
@@ -522,7 +524,7 @@ def train(c: TrainConfig) -> int:
 
     progress = tqdm(total=c.max_steps, initial=run.start_step, disable=not accelerator.is_local_main_process,
                     desc="distill")
-    step, steps_this_run, on_policy_steps, nonfinite_in_a_row = run.start_step, 0, 0, 0
+    step, steps_this_run, nonfinite_in_a_row = run.start_step, 0, 0
     try:
         with StopSignals() as signals:
             if c.eval_steps and step == 0:  # the curve starts at round-to-nearest
@@ -545,13 +547,15 @@ def train(c: TrainConfig) -> int:
                                     f"diverged; lower --learning-rate or check the data")
                 grad_norm = float("nan") if skipped else optimizer_step(run)
                 run.optimizer.zero_grad(set_to_none=True)
-                step, steps_this_run, on_policy_steps = step + 1, steps_this_run + 1, on_policy_steps + on_policy
+                step, steps_this_run = step + 1, steps_this_run + 1
                 elapsed = time.perf_counter() - started
                 totals["train_s"] += elapsed
                 totals["tokens_generated"] += int(sampled)
+                totals["on_policy_steps"] += on_policy
                 metrics = {"step": step, "loss": loss.item(), "grad_norm": grad_norm,
                            "learning_rate": run.scheduler.get_last_lr()[0], "on_policy": on_policy,
-                           "on_policy_fraction": on_policy_steps / steps_this_run,
+                           "on_policy_fraction": totals["on_policy_steps"] / step,
+                           "on_policy_steps": totals["on_policy_steps"],
                            "completion_tokens": int(num_items), "tokens_per_s": int(num_items) / elapsed,
                            "step_s": elapsed, "generation_s": generation_s, **timings, "train_s": totals["train_s"],
                            "tokens_generated": totals["tokens_generated"], **({"skipped": True} if skipped else {})}
@@ -581,7 +585,7 @@ def train(c: TrainConfig) -> int:
             metrics_file.close()
         if c.log_with != "none":
             accelerator.end_training()
-    log.info("done: step %d, on-policy fraction %.2f", step, on_policy_steps / steps_this_run if steps_this_run else 0)
+    log.info("done: step %d, on-policy fraction %.2f", step, totals["on_policy_steps"] / step if step else 0)
     if c.do_eval and step >= c.max_steps and accelerator.is_main_process:
         import shlex
 

@@ -205,6 +205,9 @@ def test_resume_after_a_stop_gives_the_same_final_weights(tmp_path, tiny_checkpo
     assert [(r["step"], r.get("heldout_kl_gap_closed")) for r in metrics(straight)] == [
         (r["step"], r.get("heldout_kl_gap_closed")) for r in metrics(split)]
     assert metrics(split)[-1]["train_s"] > metrics(split)[2]["train_s"]
+    # the on-policy fraction counts the whole run's steps, those before the stop included
+    assert [r.get("on_policy_fraction") for r in metrics(straight)] == [
+        r.get("on_policy_fraction") for r in metrics(split)]
 
 
 def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
