@@ -228,18 +228,27 @@ def main():
     parser.add_argument("--output", type=Path, default=OUT_DIR / "train_large.jsonl",
                         help="where --extra writes (default %(default)s)")
     args = parser.parse_args()
-    prompts = make_prompts(args.seed)
     if args.extra:
-        if args.output.exists():
-            sys.exit(f"{args.output} exists: choose another --output or delete it first")
-        prompts = make_extra_prompts(args.seed + 1, args.extra, {p for _, p in prompts})
+        if args.extra < 0:
+            sys.exit(f"--extra {args.extra}: give a positive number of new prompts")
+        if args.output.exists() or not args.output.parent.is_dir():
+            sys.exit(f"--output {args.output}: the file exists or its directory does not; choose another path")
+        # Excluded: the committed set itself, held-out prompts included, whatever --seed says.
+        train, heldout = ([json.loads(line) for line in open(OUT_DIR / f"{split}.jsonl")]
+                          for split in ("train", "heldout"))
+        try:
+            prompts = make_extra_prompts(args.seed + 1, args.extra,
+                                         {r["messages"][0]["content"] for r in train + heldout})
+        except ValueError as e:
+            sys.exit(str(e))
+    else:
+        prompts = make_prompts(args.seed)
     model, tokenizer = load_model()
     tokenizer.padding_side = "left"
     torch.manual_seed(args.seed)
     records = generate_records(prompts, model, tokenizer, args.max_new_tokens, args.batch_size)
     if args.extra:
-        base = [json.loads(line) for line in open(OUT_DIR / "train.jsonl")]
-        write_jsonl(args.output, base + records)
+        write_jsonl(args.output, train + records)
         return
     OUT_DIR.mkdir(exist_ok=True)
     write_jsonl(OUT_DIR / "train.jsonl", [r for i, r in enumerate(records) if i % 10 != 9])
