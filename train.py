@@ -56,8 +56,10 @@ class TrainConfig:
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
     scale_rule: str | None = None  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per
     # block; the default for mxfp4, RESULTS.md stage 5); INT4 has no scale rule (floor is recorded)
+    init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
+    init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
-    max_steps: int = 100
+    max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 512
@@ -91,6 +93,7 @@ class TrainConfig:
 
 
 QUANT_CHOICES = ("mxfp4", "int4", "int4_sym", "none")
+INIT_CHOICES = ("rtn", "gptq")
 ALIASES = {"learning_rate": ["--lr"], "per_device_train_batch_size": ["--batch-size", "--batch_size"]}
 
 
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"(default: {default})")
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-        choices = QUANT_CHOICES if f.name == "quant_type" else None
+        choices = {"quant_type": QUANT_CHOICES, "init": INIT_CHOICES}.get(f.name)
         parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, help=f"(default: {default})")
     return parser
 
@@ -163,7 +166,15 @@ def validate(c: TrainConfig) -> None:
     for name in ("save_steps", "stop_after", "eval_steps"):
         if getattr(c, name) < 0:
             raise Abort(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
-    for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+    if c.max_steps < 0:
+        raise Abort(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
+    if c.init not in INIT_CHOICES:
+        raise Abort(f"--init must be one of {', '.join(INIT_CHOICES)}, got {c.init!r}")
+    if c.init == "gptq" and c.quant_type == "none":
+        raise Abort("--init gptq quantizes the student's start; it needs a --quant-type other than none")
+    if c.init_samples < 1:
+        raise Abort(f"--init-samples must be >= 1, got {c.init_samples}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                  "max_new_tokens", "min_completion_tokens"):
         if getattr(c, name) < 1:
             raise Abort(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
@@ -259,6 +270,42 @@ def prepare_student(student, c: TrainConfig) -> None:
                  settings.scale)
 
 
+def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None:
+    """In place: the student's latent weights from GPTQ onto its own grids (gptq.py),
+    calibrated on ``--init-samples`` of the dataset's prompts with their completions.
+    Every process computes it and takes the main process's result, so all start alike."""
+    from data import build_batch, examples_in_use_order
+    from gptq import apply_gptq
+
+    try:
+        chosen = examples_in_use_order(records, tokenizer, c.max_length, min(c.init_samples, len(records)),
+                                       c.seed, c.min_completion_tokens, need_completions=True)
+    except ValueError as e:
+        raise Abort(f"--init gptq calibrates on prompts with their completions: {e}") from None
+    chosen = list({id(e): e for e in chosen}.values())  # a filtered record can bring a second epoch's repeats
+    if len(chosen) < c.init_samples:
+        log.info("--init gptq: the dataset holds %d usable sequences; calibrating on all of them", len(chosen))
+    chosen.sort(key=lambda e: len(e.prompt_ids) + len(e.completion_ids))  # batches of like lengths pad little
+    batches = []
+    for first in range(0, len(chosen), GPTQ_BATCH_SIZE):
+        part = chosen[first:first + GPTQ_BATCH_SIZE]
+        batch = build_batch([e.prompt_ids for e in part], [e.completion_ids for e in part],
+                            tokenizer.pad_token_id, c.max_length)
+        batches.append({k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask")})
+    student.to(accelerator.device)
+    summary = apply_gptq(student, batches)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        for parameter in student.parameters():
+            parameter.data.copy_(broadcast(parameter.data.contiguous()))
+    log.info("--init gptq: %d layers from %d sequences (%d tokens) in %.0f s", summary["layers"], len(chosen),
+             summary["calibration_tokens"], summary["seconds"])
+
+
+GPTQ_BATCH_SIZE = 8  # calibration sequences per forward
+
+
 # ---------------------------------------------------------------- the run
 
 class Interrupted(Exception):
@@ -313,13 +360,16 @@ def set_up(c: TrainConfig) -> Run:
                                   mixed_precision=c.mixed_precision)
         torch.manual_seed(c.seed)
         teacher, student, tokenizer = load_teacher_and_student(c)
+        records = load_records(c.dataset, c.dataset_split)
+        if c.init == "gptq" and resume_from is None:  # a resumed run's weights come from its checkpoint
+            gptq_start(student, tokenizer, records, c, accelerator)
         need_completions = c.lmbda < 1 and not c.seq_kd
-        examples = examples_in_use_order(load_records(c.dataset, c.dataset_split), tokenizer, c.max_length,
+        examples = examples_in_use_order(records, tokenizer, c.max_length,
                                          c.max_steps * examples_per_step(c, accelerator.num_processes), c.seed,
                                          c.min_completion_tokens, need_completions=need_completions)
         eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
                          if c.eval_steps else [])
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # GPTQError is a ValueError
         raise Abort(str(e)) from None
 
     trained = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters
@@ -585,6 +635,10 @@ def train(c: TrainConfig) -> int:
             metrics_file.close()
         if c.log_with != "none":
             accelerator.end_training()
+    if c.max_steps == 0 and step == 0:  # only the start was asked for
+        checkpoint = checkpoints.save(accelerator, run.student, run.tokenizer, out, run_config_dict(c), 0,
+                                      {"step": 0, "train_s": 0.0, "heldout_kl_step0": totals["heldout_kl_step0"]})
+        log.info("saved the start as %s", checkpoint)
     log.info("done: step %d, on-policy fraction %.2f", step, totals["on_policy_steps"] / step if step else 0)
     if c.do_eval and step >= c.max_steps and accelerator.is_main_process:
         import shlex

@@ -1,0 +1,282 @@
+"""GPTQ onto the student's own 4-bit grids: a start for distillation better than rounding.
+
+GPTQ (Frantar et al., 2022) quantizes a linear layer one input column at a time and moves
+the error of each column onto the columns not yet quantized, weighted by the inverse
+Hessian H = X^T X of the layer's calibration inputs, so that the layer's outputs on those
+inputs change as little as possible. Here it quantizes onto exactly the grids the student
+computes with (``quant.fake_quantize``):
+
+* each group's grid is chosen when GPTQ reaches the group's first column, from the
+  group's current (error-updated) weights, by the format's own rule: the MXFP4 block
+  exponent by the student's scale rule, the INT4 group's scale (and minimum) as
+  ``quant._int4_quantize`` sets them;
+* the result is returned as the student's latent weight, one that ``fake_quantize`` maps
+  to GPTQ's values, so the start is an ordinary student: it trains, checkpoints, resumes,
+  evaluates and exports unchanged. MXFP4 values are a fixed point of every scale rule.
+  An INT4 grid is defined by its group's extremes, so the group's largest and smallest
+  weights keep the extreme codes (GPTQ's error feedback absorbs what that costs) and the
+  latent places them where rounding reproduces the group's scale.
+
+``apply_gptq`` runs it over a model sequentially, as GPTQ and llm-compressor do: decoder
+layer by decoder layer, each layer's Hessians from the outputs of the layers already
+quantized, the layer's own weights unquantized while they are measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant import FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, frozen_quant
+
+log = logging.getLogger("gptq")
+
+DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's)
+BLOCK_SIZE = 128  # columns whose updates are applied lazily together (the GPTQ paper's)
+
+
+class GPTQError(ValueError):
+    """Calibration that cannot make a GPTQ start: one line for the user."""
+
+
+# ---------------------------------------------------------------- one group's grid
+
+class GroupGrid:
+    """The 4-bit grid of one group of columns ([rows, g] weights), chosen from those weights.
+
+    ``quantize(column, j)`` gives the dequantized values of the group's column j;
+    ``latent(values)`` the weights that ``fake_quantize`` maps to the group's values.
+    """
+
+    def __init__(self, group: torch.Tensor, quant_type: str, scale_rule: str):
+        self.quant_type = quant_type
+        if quant_type == "mxfp4":
+            _, exponent = _mx_quantize(group.float(), scale_rule)
+            self.scale = _exp2(exponent).reshape(group.shape[0]).to(group.dtype)
+            return
+        # INT4 codes 0..15 that the group's extremes keep (NaN: no pin), so that the
+        # quantized group has the extremes its scale was computed from.
+        self.pinned = torch.full_like(group, float("nan"))
+        rows = torch.arange(group.shape[0], device=group.device)
+        if quant_type == "int4_sym":
+            amax = group.abs().amax(1)
+            self.amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+            self.scale = self.amax / 7.5
+            where = group.abs().argmax(1)
+            extreme = torch.where(group[rows, where] > 0, 15.0, 0.0).to(group.dtype)  # +7 or -8
+            self.pinned[rows, where] = torch.where(amax > 0, extreme, float("nan"))
+        else:  # int4: asymmetric with a float zero point, as quant._int4_quantize
+            self.low, high = group.amin(1), group.amax(1)
+            self.scale = (high - self.low).clamp(min=1e-6) / 15
+            self.pinned[rows, group.argmin(1)] = 0.0
+            top = group.argmax(1)
+            self.pinned[rows, top] = torch.where(high - self.low >= 1e-6, 15.0, self.pinned[rows, top])
+
+    def codes(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        """INT4 codes 0..15 of column j (as floats), the group's extremes pinned."""
+        if self.quant_type == "int4_sym":
+            codes = torch.round(column / self.amax * 7.5).clamp_(-8, 7).add_(8)
+        else:
+            codes = torch.round((column - self.low) / self.scale).clamp_(0, 15)
+        pinned = self.pinned[:, j]
+        return torch.where(pinned.isnan(), codes, pinned)
+
+    def quantize(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        if self.quant_type == "mxfp4":
+            return _e2m1_round((column / self.scale).float()).to(column.dtype) * self.scale
+        zero = 0.0 if self.quant_type == "int4_sym" else self.low + 8 * self.scale
+        return (self.codes(column, j) - 8) * self.scale + zero
+
+    def latent(self, values: torch.Tensor) -> torch.Tensor:
+        if self.quant_type != "int4_sym":
+            return values  # MXFP4 values, and INT4 ones that keep both extremes, requantize to themselves
+        # int4_sym's scale is amax / 7.5: the extreme codes (-8, and +7 where pinned) sit at
+        # +-7.5 scale, which rounds (half to even, then clamped) back to -8 and +7.
+        extreme = (7.5 * self.scale)[:, None].expand_as(values)
+        values = torch.where(torch.round(values / self.scale[:, None]) == -8, -extreme, values)
+        return torch.where(self.pinned == 15, extreme, values)
+
+
+# ---------------------------------------------------------------- one layer
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the damped H^-1, the dead input columns); float64."""
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # an input never seen: its weights are free, GPTQ zeroes them
+    h.diagonal().add_(damping * h.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True), dead
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quant_type: str, group_size: int,
+                  scale_rule: str = "floor", damping: float = DAMPING, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """GPTQ of one weight [out, in] given H = sum of x x^T over its calibration inputs [in, in].
+
+    Returns (latent, values): GPTQ's quantized values and the latent weight (``weight``'s
+    dtype) that ``fake_quantize(.., quant_type, group_size, scale_rule)`` maps to them. Columns in natural order;
+    updates within a block of columns at once, as in the paper.
+    """
+    w = weight.detach().clone()
+    rows, columns = w.shape
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"Hessian of shape {list(hessian.shape)} for a weight with {columns} input columns")
+    block_size = group_size * max(1, block_size // group_size)  # a group never spans two blocks
+    latent, quantized = torch.empty_like(w), torch.empty_like(w)
+    with _one_cpu_thread(w.device):
+        upper, dead = _inverse_hessian_cholesky(hessian, damping)
+        w[:, dead] = 0
+        _quantize_columns(w, upper.to(w.dtype), latent, quantized, quant_type, group_size, scale_rule, block_size)
+    return latent, quantized
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """GPTQ is thousands of small ops: on a CPU, waking a second thread for each costs more
+    than the op (far more when other work holds the cores)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize_columns(w, upper, latent, quantized, quant_type, group_size, scale_rule, block_size) -> None:
+    """GPTQ's loop over the columns of ``w`` (updated in place), writing ``latent`` and ``quantized``."""
+    rows, columns = w.shape
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = w[:, start:end].clone()
+        errors = torch.empty_like(block)
+        for i in range(end - start):
+            if i % group_size == 0:
+                grid = GroupGrid(block[:, i:i + group_size], quant_type, scale_rule)
+                values = torch.empty_like(block[:, i:i + group_size])
+            column = start + i
+            values[:, i % group_size] = grid.quantize(block[:, i], i % group_size)
+            error = (block[:, i] - values[:, i % group_size]) / upper[column, column]
+            block[:, i:] -= error[:, None] * upper[column, column:end][None, :]
+            errors[:, i] = error
+            if i % group_size == group_size - 1:
+                latent[:, column + 1 - group_size:column + 1] = grid.latent(values)
+                quantized[:, column + 1 - group_size:column + 1] = values
+        w[:, end:] -= errors @ upper[start:end, end:]
+
+
+# ---------------------------------------------------------------- a model
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: the module list holding most quantized layers."""
+    best, count = None, 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            n = sum(isinstance(m, FakeQuantLinear) for m in module.modules())
+            if n > count:
+                best, count = module, n
+    if best is None:
+        raise GPTQError(f"{type(model).__name__}: no list of decoder layers with quantized linear layers found")
+    return best
+
+
+def _layer_inputs(model, layers, batches):
+    """What the first decoder layer receives for each batch: (hidden states, other arguments)."""
+    captured = []
+
+    def capture(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, args[1:], kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
+               block_size: int = BLOCK_SIZE) -> dict:
+    """GPTQ every ``FakeQuantLinear`` of ``model`` in place (its latent weight), calibrated
+    on ``batches`` (dicts of right-padded ``input_ids`` and ``attention_mask`` on the
+    model's device); padding never enters a Hessian. Returns a summary for the log."""
+    quantized = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    if not quantized:
+        raise GPTQError("--init gptq needs a quantized student (a --quant-type other than none)")
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    widest = max(m.in_features for m in quantized)
+    if tokens < widest:
+        raise GPTQError(f"--init gptq: {tokens} calibration tokens cannot measure a layer with {widest} inputs "
+                        f"(its Hessian would be singular); raise --init-samples")
+    layers = decoder_layers(model)
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = [m for m in quantized if id(m) not in inside]
+    if outside:
+        raise GPTQError(f"--init gptq: {len(outside)} quantized layers sit outside the decoder layers; "
+                        f"GPTQ here handles decoder stacks only")
+    started, was_training = time.perf_counter(), model.training
+    model.eval()
+    with torch.no_grad():
+        inputs = _layer_inputs(model, layers, batches)
+        masks = [b["attention_mask"].bool() for b in batches]
+        for index, layer in enumerate(layers):
+            linears = [m for m in layer.modules() if isinstance(m, FakeQuantLinear)]
+            hessians = _layer_hessians(layer, linears, inputs, masks)
+            for linear in linears:
+                linear.weight.copy_(gptq_quantize(linear.weight, hessians[linear], linear.quant_type,
+                                                  linear.group_size, linear.scale_rule, damping, block_size)[0])
+            with frozen_quant(layer):  # quantize each weight once, not once a batch
+                inputs = [(_output(layer(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in inputs]
+            log.info("gptq: decoder layer %d of %d (%.0f s)", index + 1, len(layers), time.perf_counter() - started)
+    model.train(was_training)
+    return {"layers": len(quantized), "calibration_tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+def _layer_hessians(layer, linears, inputs, masks) -> dict:
+    """H = sum over the non-padding tokens of x x^T, per linear layer of a decoder layer run
+    with its own weights unquantized (what GPTQ approximates)."""
+    hessians, current = {m: 0.0 for m in linears}, {}
+
+    def accumulate(module, args):
+        x = args[0][current["mask"]].float()
+        hessians[module] = hessians[module] + x.T @ x
+
+    def unquantized(module):
+        return lambda x: F.linear(x, module.weight, module.bias)
+
+    handles = [m.register_forward_pre_hook(accumulate) for m in linears]
+    for m in linears:
+        m.forward = unquantized(m)  # an instance attribute shadows FakeQuantLinear.forward
+    try:
+        for (hidden, args, kwargs), mask in zip(inputs, masks):
+            current["mask"] = mask
+            layer(hidden, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in linears:
+            del m.forward
+    return hessians
+

@@ -1,0 +1,212 @@
+"""gptq.py: GPTQ onto the student's own grids, against a float64 reference; the GPTQ start in train.py."""
+
+import json
+
+import pytest
+import torch
+
+import train
+from gptq import GroupGrid, apply_gptq, gptq_quantize
+from quant import FakeQuantLinear, fake_quantize, quantize_model
+
+FORMATS = [("mxfp4", 32, "floor"), ("mxfp4", 32, "mse"), ("mxfp4", 32, "rceil"), ("int4_sym", 64, "floor"),
+           ("int4", 64, "floor"), ("int4", 32, "floor")]
+
+
+def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
+    """Calibration inputs with correlated channels and a few outlier channels, as activations have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, width, generator=g) @ (torch.eye(width) + 0.3 * torch.randn(width, width, generator=g))
+    x[:, :3] *= 10
+    return x
+
+
+def reference_gptq(weight, hessian, quant_type, group_size, scale_rule, damping=0.01):
+    """GPTQ as the paper writes it, in float64: column by column, every update applied at
+    once to all later columns (no blocks), H^-1 updated by explicit elimination."""
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0
+    h.diagonal().add_(damping * h.diagonal().mean())
+    h_inv = torch.linalg.inv(h)
+    values = torch.empty_like(w)
+    for column in range(w.shape[1]):
+        if column % group_size == 0:
+            grid = GroupGrid(w[:, column:column + group_size].float(), quant_type, scale_rule)
+        q = grid.quantize(w[:, column].float(), column % group_size).double()
+        values[:, column] = q
+        error = (w[:, column] - q) / h_inv[column, column]
+        w[:, column:] -= error[:, None] * h_inv[column, column:][None, :]
+        # remove the quantized column from the inverse Hessian (Gaussian elimination, OBS)
+        h_inv = h_inv - torch.outer(h_inv[:, column], h_inv[column, :]) / h_inv[column, column]
+    return values
+
+
+@pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
+def test_gptq_equals_a_float64_reference_of_the_update(quant_type, group_size, scale_rule):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 256) * 0.05
+    x = correlated_inputs(600, 256, seed=1)
+    hessian = x.T @ x
+    _, values = gptq_quantize(weight, hessian, quant_type, group_size, scale_rule, block_size=64)
+    expected = reference_gptq(weight, hessian, quant_type, group_size, scale_rule)
+    torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
+def test_the_latent_weight_fake_quantizes_to_gptq_values(quant_type, group_size, scale_rule, magnitude):
+    torch.manual_seed(2)
+    weight = torch.randn(32, 128) * magnitude
+    weight[0, :group_size] = 0  # an all-zero group
+    weight[1, :group_size] = 0.5 * magnitude  # a constant group
+    x = correlated_inputs(400, 128, seed=3)
+    x[:, 5] = 0  # an input never seen: a dead column
+    latent, values = gptq_quantize(weight, x.T @ x, quant_type, group_size, scale_rule)
+    student = fake_quantize(latent, quant_type, group_size, scale_rule)
+    if quant_type == "int4":  # scale and zero are recomputed from the latent extremes: equal up to float32
+        # rounding, a millionth of the group's range, far below the code spacing (a 15th of it)
+        groups = values.reshape(32, -1, group_size)
+        spread = (groups.amax(-1) - groups.amin(-1) + groups.abs().amax(-1)).repeat_interleave(group_size, 1)
+        assert ((student - values).abs() <= 1e-6 * spread).all()
+    else:
+        assert torch.equal(student, values)
+    if quant_type != "int4":  # a dead column's weights are zeroed (int4's grid need not hold 0)
+        assert torch.equal(values[:, 5], torch.zeros(32))
+
+
+@pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
+def test_each_group_grid_is_the_student_quantizer_grid(quant_type, group_size, scale_rule):
+    """Without error feedback (quantizing the group as it is) a grid gives round-to-nearest exactly."""
+    torch.manual_seed(4)
+    group = torch.randn(16, group_size) * 0.1
+    grid = GroupGrid(group, quant_type, scale_rule)
+    quantized = torch.stack([grid.quantize(group[:, j], j) for j in range(group_size)], 1)
+    assert torch.equal(quantized, fake_quantize(group, quant_type, group_size, scale_rule))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("quant_type,group_size", [("mxfp4", 32), ("int4", 32)])
+def test_gptq_errs_less_than_rounding_on_every_layer_of_a_model(arch, quant_type, group_size):
+    from conftest import tiny_model
+
+    teacher = tiny_model(arch, hidden_size=128, intermediate_size=256, vocab_size=256, num_hidden_layers=3)
+    rtn, start = tiny_model(arch, hidden_size=128, intermediate_size=256, vocab_size=256, num_hidden_layers=3), \
+        tiny_model(arch, hidden_size=128, intermediate_size=256, vocab_size=256, num_hidden_layers=3)
+    for model in (rtn, start):
+        quantize_model(model, quant_type, group_size)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (8, 48), generator=g)
+    mask = torch.ones_like(ids)
+    mask[4:, 40:] = 0  # padding never enters a Hessian
+    apply_gptq(start, [{"input_ids": ids[:4], "attention_mask": mask[:4]},
+                       {"input_ids": ids[4:], "attention_mask": mask[4:]}])
+    # each layer's error on the teacher's own inputs to that layer
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            inputs[name] = args[0][mask.bool()]
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep_input(name))
+             for name, m in teacher.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    with torch.no_grad():
+        teacher(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    rtn_layers, gptq_layers = dict(rtn.named_modules()), dict(start.named_modules())
+    for name, x in inputs.items():
+        exact = x @ teacher.get_submodule(name).weight.T
+
+        def error(layer):
+            return (x @ fake_quantize(layer.weight, quant_type, group_size).T - exact).square().sum()
+
+        assert isinstance(gptq_layers[name], FakeQuantLinear)
+        assert error(gptq_layers[name]) < error(rtn_layers[name]), name
+
+
+# ---------------------------------------------------------------- train.py --init gptq
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+
+
+def gptq_args(tiny_checkpoint, chat_dataset, output_dir, *extra):
+    return ["--model", str(tiny_checkpoint), "--dataset", str(chat_dataset), "--output_dir", str(output_dir),
+            "--max-new-tokens", "6", "--batch-size", "2", "--max-length", "96", "--learning-rate", "1e-3",
+            "--quant-type", "mxfp4", "--init", "gptq", *extra]
+
+
+def test_max_steps_zero_saves_the_gptq_start_as_a_student_that_beats_rounding(tmp_path, tiny_checkpoint,
+                                                                              chat_dataset):
+    from eval import load_student
+    from safetensors.torch import load_file
+
+    out = tmp_path / "gptq"
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--eval-steps", "1")) == 0
+    rtn = tmp_path / "rtn"
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, rtn, "--max-steps", "0", "--eval-steps", "1",
+                                 "--init", "rtn")) == 0
+    kl = {run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["heldout_kl"] for run in (out, rtn)}
+    assert kl[out] < kl[rtn]
+    checkpoint = out / "checkpoint-0"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 0
+    student = load_student(checkpoint)[0]  # as eval.py and export.py rebuild it
+    saved = load_file(checkpoint / "model.safetensors")
+    teacher = load_file(tiny_checkpoint / "model.safetensors")
+    layer = student.get_submodule("model.layers.0.mlp.down_proj")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(saved[name], layer.weight)
+    assert torch.equal(fake_quantize(saved[name], "mxfp4", 32, "mse"), saved[name])  # on the grid already
+    assert not torch.equal(saved[name], fake_quantize(teacher[name], "mxfp4", 32, "mse"))  # not rounding
+
+
+def test_a_gptq_start_trains_resumes_and_refuses_a_resume_that_started_otherwise(tmp_path, tiny_checkpoint,
+                                                                                 chat_dataset, capsys, caplog):
+    out = tmp_path / "run"
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "3", "--stop-after", "2",
+                                "--init-samples", "8")) == 0
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "3", "--resume",
+                                    "--init-samples", "8")) == 0
+    assert "--init gptq" not in caplog.text  # the resumed run's weights come from its checkpoint
+    assert (out / "checkpoint-3").exists()
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "4", "--resume",
+                                "--init", "rtn")) == 2
+    assert "different configuration (init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--quant-type", "none"], "--init gptq quantizes the student's start; it needs a --quant-type"),
+    (["--init-samples", "0"], "--init-samples must be >= 1"),
+    (["--init", "awq"], "argument --init: invalid choice"),
+    (["--init-samples", "1", "--max-length", "40"], "calibration tokens cannot measure a layer with 128 inputs"),
+])
+def test_gptq_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_checkpoint, chat_dataset, capsys, extra,
+                                                       message):
+    out = tmp_path / "run"
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_gptq_needs_completions_to_calibrate_on(tmp_path, tiny_checkpoint, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."}]}) + "\n"
+                               for i in range(8)))
+    out = tmp_path / "run"
+    assert train.main(gptq_args(tiny_checkpoint, prompts, out, "--max-steps", "1", "--lmbda", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--init gptq calibrates on prompts with their completions" in err and len(err.splitlines()) == 1
+    assert not out.exists()
