@@ -198,7 +198,7 @@ def _layer_inputs(model, layers, batches):
     def capture(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, args[1:], kwargs))
+        captured.append((hidden.cpu(), args[1:], kwargs))  # all of the calibration set's activations: host memory
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
@@ -240,6 +240,7 @@ def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
     model.eval()
     with torch.no_grad():
         inputs = _layer_inputs(model, layers, batches)
+        device = batches[0]["input_ids"].device
         masks = [b["attention_mask"].bool() for b in batches]
         for index, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, FakeQuantLinear)]
@@ -248,7 +249,8 @@ def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
                 linear.weight.copy_(gptq_quantize(linear.weight, hessians[linear], linear.quant_type,
                                                   linear.group_size, linear.scale_rule, damping, block_size)[0])
             with frozen_quant(layer):  # quantize each weight once, not once a batch
-                inputs = [(_output(layer(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in inputs]
+                inputs = [(_output(layer(hidden.to(device), *args, **kwargs)).cpu(), args, kwargs)
+                          for hidden, args, kwargs in inputs]
             log.info("gptq: decoder layer %d of %d (%.0f s)", index + 1, len(layers), time.perf_counter() - started)
     model.train(was_training)
     return {"layers": len(quantized), "calibration_tokens": tokens, "seconds": time.perf_counter() - started}
@@ -272,7 +274,7 @@ def _layer_hessians(layer, linears, inputs, masks) -> dict:
     try:
         for (hidden, args, kwargs), mask in zip(inputs, masks):
             current["mask"] = mask
-            layer(hidden, *args, **kwargs)
+            layer(hidden.to(mask.device), *args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from test_train import fresh_accelerate_state, tiny_args  # noqa: F401 (an autouse fixture)
 from gptq import GroupGrid, apply_gptq, gptq_quantize
 from quant import FakeQuantLinear, fake_quantize, quantize_model
 
@@ -130,19 +131,14 @@ def test_gptq_errs_less_than_rounding_on_every_layer_of_a_model(arch, quant_type
 
 # ---------------------------------------------------------------- train.py --init gptq
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
+def assert_one_error_line(capsys, message):
+    """The error is one line (after whatever transformers printed while loading the model)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
 
 
 def gptq_args(tiny_checkpoint, chat_dataset, output_dir, *extra):
-    return ["--model", str(tiny_checkpoint), "--dataset", str(chat_dataset), "--output_dir", str(output_dir),
-            "--max-new-tokens", "6", "--batch-size", "2", "--max-length", "96", "--learning-rate", "1e-3",
-            "--quant-type", "mxfp4", "--init", "gptq", *extra]
+    return tiny_args(tiny_checkpoint, chat_dataset, output_dir, "--quant-type", "mxfp4", "--init", "gptq", *extra)
 
 
 def test_max_steps_zero_saves_the_gptq_start_as_a_student_that_beats_rounding(tmp_path, tiny_checkpoint,
@@ -196,8 +192,7 @@ def test_gptq_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_checkpoint
                                                        message):
     out = tmp_path / "run"
     assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", *extra)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert_one_error_line(capsys, message)
     assert not out.exists()
 
 
@@ -207,6 +202,5 @@ def test_gptq_needs_completions_to_calibrate_on(tmp_path, tiny_checkpoint, capsy
                                for i in range(8)))
     out = tmp_path / "run"
     assert train.main(gptq_args(tiny_checkpoint, prompts, out, "--max-steps", "1", "--lmbda", "1")) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--init gptq calibrates on prompts with their completions" in err and len(err.splitlines()) == 1
+    assert_one_error_line(capsys, "--init gptq calibrates on prompts with their completions")
     assert not out.exists()
