@@ -146,6 +146,10 @@ class Abort(Exception):
 def validate(c: TrainConfig) -> None:
     from quant import SCALE_RULES
 
+    for f in fields(TrainConfig):  # nan passes every comparison below, inf most: refuse both first
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Abort(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("lmbda", "beta"):
         value = getattr(c, name)
         if not 0.0 <= value <= 1.0:
@@ -179,6 +183,8 @@ def validate(c: TrainConfig) -> None:
     if c.log_with != "none" and importlib.util.find_spec(c.log_with) is None:
         raise Abort(f"--log-with {c.log_with} needs the {c.log_with} package, which is not installed: "
                     f"uv pip install {c.log_with} (or log nothing; metrics.jsonl is always written)")
+    if c.weight_decay < 0:
+        raise Abort(f"--weight-decay must be >= 0, got {c.weight_decay}")
     if c.max_grad_norm < 0:
         raise Abort(f"--max-grad-norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
     if c.lora_r < 0:
@@ -452,13 +458,16 @@ def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, di
     return accelerator.reduce(total, "sum") / world, timings
 
 
-def optimizer_step(run: Run) -> float:
-    """Clip (``--max-grad-norm 0``: only measure), step, schedule; the gradient norm."""
+def clip_gradients(run: Run) -> float:
+    """Clip (``--max-grad-norm 0``: only measure); the gradient norm over all processes,
+    the same on each (DDP's gradients are averaged, FSDP's norm is reduced)."""
     # max_norm inf: the norm is measured, nothing is scaled
-    grad_norm = run.accelerator.clip_grad_norm_(run.student.parameters(), run.c.max_grad_norm or float("inf"))
+    return float(run.accelerator.clip_grad_norm_(run.student.parameters(), run.c.max_grad_norm or float("inf")))
+
+
+def optimizer_step(run: Run) -> None:
     run.optimizer.step()
     run.scheduler.step()
-    return float(grad_norm)
 
 
 def heldout_kl(run: Run) -> dict:
@@ -538,14 +547,19 @@ def train(c: TrainConfig) -> int:
                                      device=accelerator.device)
                 num_items, sampled = accelerator.reduce(local, "sum")
                 loss, timings = backward(run, batches, num_items)
-                skipped = not torch.isfinite(loss)  # the same on every process: reduced
+                # Both the same on every process (reduced); a non-finite gradient with a finite
+                # loss (an overflow in the backward) would make every weight NaN.
+                grad_norm = clip_gradients(run) if torch.isfinite(loss) else float("nan")
+                skipped = not math.isfinite(grad_norm)
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
                 if skipped:
-                    log.warning("step %d: non-finite loss (%s), step skipped", step, loss.item())
+                    log.warning("step %d: non-finite %s, step skipped", step,
+                                f"gradient norm ({grad_norm})" if torch.isfinite(loss) else f"loss ({loss.item()})")
                     if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        raise Abort(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: training "
-                                    f"diverged; lower --learning-rate or check the data")
-                grad_norm = float("nan") if skipped else optimizer_step(run)
+                        raise Abort(f"{nonfinite_in_a_row} non-finite losses or gradient norms in a row at step "
+                                    f"{step}: training diverged; lower --learning-rate or check the data")
+                else:
+                    optimizer_step(run)
                 run.optimizer.zero_grad(set_to_none=True)
                 step, steps_this_run = step + 1, steps_this_run + 1
                 elapsed = time.perf_counter() - started

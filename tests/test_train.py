@@ -58,6 +58,10 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--rollout-dtype", "float16"], "--rollout-dtype must be float32 or bfloat16"),
     (["--mixed-precision", "fp16"], "--mixed-precision must be no or bf16"),
     (["--quant-type", "int4_sym", "--scale-rule", "mse"], "--scale-rule mse chooses MXFP4 block exponents"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+    (["--lora-alpha=-inf"], "--lora-alpha must be a finite number, got -inf"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -237,7 +241,58 @@ def test_non_finite_losses_skip_steps_then_abort(tmp_path, tiny_checkpoint, chat
                         student_hidden.sum() * float("nan"))
     out = tmp_path / "run"
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5")) == 2
-    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    assert "3 non-finite losses or gradient norms in a row" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-*"))
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: a finite loss whose gradient overflowed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def nan_gradients_on_steps(monkeypatch, steps: set[int]):
+    """The fused loss of the given (0-based) steps gets a NaN gradient; its value is unchanged."""
+    import losses
+
+    real, calls = losses.fused_linear_jsd_loss, []
+
+    def patched(student_hidden, *args, **kwargs):
+        calls.append(1)
+        if len(calls) - 1 in steps:
+            student_hidden = NanGradient.apply(student_hidden)
+        return real(student_hidden, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "fused_linear_jsd_loss", patched)
+
+
+def test_a_non_finite_gradient_norm_skips_the_step_like_a_non_finite_loss(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                         monkeypatch):
+    nan_gradients_on_steps(monkeypatch, {0})
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0",
+                                "--warmup-ratio", "0")) == 0
+    rows = metrics(out)
+    assert [r.get("skipped", False) for r in rows] == [True, False]
+    assert rows[0]["loss"] > 0 and rows[0]["grad_norm"] != rows[0]["grad_norm"]  # finite loss, NaN norm
+    saved = weights(out / "checkpoint-2")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    teacher = weights(tiny_checkpoint)
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_non_finite_gradient_norms_in_a_row_abort_with_nothing_saved(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                     monkeypatch, capsys):
+    nan_gradients_on_steps(monkeypatch, {0, 1, 2})
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5", "--lmbda", "0")) == 2
+    assert "3 non-finite losses or gradient norms in a row at step 2" in capsys.readouterr().err
     assert not list(out.glob("checkpoint-*"))
 
 
