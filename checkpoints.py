@@ -127,13 +127,15 @@ def save(accelerator, student, tokenizer, output_dir: Path, run_config: dict, st
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging / "accelerate_state"))
+    # Every process: under FSDP gathering the full state dict is a collective (the main
+    # process alone would wait for the others forever); elsewhere it is only a copy.
+    state = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
         from lora import ADAPTER_FILE, merged_state_dict
 
         unwrapped = accelerator.unwrap_model(student)
-        state = accelerator.get_state_dict(student)
         lora = getattr(unwrapped, "lora_settings", None)
         if lora is not None:  # the merged student for eval.py and export.py, the adapters to resume
             save_file({k: v.contiguous() for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))},

@@ -316,6 +316,29 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, ti
     assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
 
 
+def test_every_process_joins_the_collectives_of_a_save_and_only_the_main_one_writes(tmp_path):
+    # Under FSDP, gathering the full state dict is a collective: a process that skips it
+    # leaves the others waiting forever at the first checkpoint.
+    calls = []
+
+    class AnotherProcess:
+        is_main_process = False
+
+        def wait_for_everyone(self):
+            calls.append("wait")
+
+        def save_state(self, directory):
+            calls.append("save_state")
+
+        def get_state_dict(self, model):
+            calls.append("get_state_dict")
+            return {}
+
+    checkpoints.save(AnotherProcess(), torch.nn.Linear(2, 2), None, tmp_path, {}, 1, {})
+    assert calls == ["wait", "save_state", "get_state_dict", "wait"]
+    assert not list(tmp_path.iterdir())
+
+
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, tiny_checkpoint, chat_dataset):
     common = tiny_args(tiny_checkpoint, chat_dataset, "OUT", "--max-steps", "3", "--lmbda", "0.5", "--seed", "5")
     # On a machine without GPUs, accelerate's multi-process launcher runs gloo CPU processes.
