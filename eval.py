@@ -351,29 +351,42 @@ def completion_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(hidden, head)
 
 
-@torch.no_grad()
-def heldout_kl_sums(teacher, student, examples, pad_token_id: int, max_length: int = EMBEDDED_MAX_LENGTH,
-                    batch_size: int = KL_BATCH) -> tuple[float, int]:
-    """(sum over completion tokens of KL(teacher || student), token count), teacher-forced on
-    the examples' reference completions. Sums, so that processes can add theirs."""
+def _kl_sums_of_batch(teacher, student, chunk, pad_token_id: int, max_length: int, device) -> tuple[float, int]:
     from data import build_batch
     from losses import IGNORE_INDEX, jsd_per_token
 
+    forced = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_token_id, max_length)
+    mask = (forced["labels"] != IGNORE_INDEX).to(device)
+    inputs = {k: forced[k].to(device) for k in ("input_ids", "attention_mask")}
+    student_logits, teacher_logits = completion_logits(student, inputs, mask), completion_logits(teacher, inputs, mask)
+    kl_sum = 0.0
+    for row in range(0, student_logits.shape[0], KL_ROWS):
+        kl = jsd_per_token(student_logits[row:row + KL_ROWS], teacher_logits[row:row + KL_ROWS], beta=0.0)
+        kl_sum += kl.double().sum().item()
+    return kl_sum, int(mask.sum())
+
+
+@torch.no_grad()
+def heldout_kl_sums(teacher, student, examples, pad_token_id: int, max_length: int = EMBEDDED_MAX_LENGTH,
+                    batch_size: int = KL_BATCH, forward_batches: int | None = None, filler=None) -> tuple[float, int]:
+    """(sum over completion tokens of KL(teacher || student), token count), teacher-forced on
+    the examples' reference completions. Sums, so that processes can add theirs.
+
+    ``forward_batches``: run exactly that many forwards, those beyond the examples' own on
+    ``filler`` (an example) with their result discarded. Under FSDP each forward all-gathers
+    the student's shards, so every process must run as many as the others."""
     device = next(student.parameters()).device
     ordered = sorted(examples, key=lambda e: len(e.prompt_ids) + len(e.completion_ids))  # less padding
+    chunks = [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+    padding = 0 if forward_batches is None else forward_batches - len(chunks)
+    if padding < 0 or (padding and filler is None):
+        raise ValueError(f"{len(chunks)} batches of held-out examples cannot make {forward_batches} forwards")
     kl_sum, tokens = 0.0, 0
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
-        forced = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_token_id,
-                             max_length)
-        mask = (forced["labels"] != IGNORE_INDEX).to(device)
-        inputs = {k: forced[k].to(device) for k in ("input_ids", "attention_mask")}
-        student_logits, teacher_logits = completion_logits(student, inputs, mask), completion_logits(
-            teacher, inputs, mask)
-        for row in range(0, student_logits.shape[0], KL_ROWS):
-            kl = jsd_per_token(student_logits[row:row + KL_ROWS], teacher_logits[row:row + KL_ROWS], beta=0.0)
-            kl_sum += kl.double().sum().item()
-        tokens += int(mask.sum())
+    for chunk in chunks:
+        batch_kl, batch_tokens = _kl_sums_of_batch(teacher, student, chunk, pad_token_id, max_length, device)
+        kl_sum, tokens = kl_sum + batch_kl, tokens + batch_tokens
+    for _ in range(padding):  # weight 0: only the forward's collectives count
+        _kl_sums_of_batch(teacher, student, [filler], pad_token_id, max_length, device)
     return kl_sum, tokens
 
 

@@ -473,16 +473,20 @@ def optimizer_step(run: Run) -> None:
 def heldout_kl(run: Run) -> dict:
     """Held-out KL(teacher || student) per token, teacher-forced, and the fraction of its
     step-0 value closed; each process scores a share of the examples and the sums are added."""
-    from eval import heldout_kl_sums
+    from eval import KL_BATCH, heldout_kl_sums
     from quant import frozen_quant
 
     accelerator, model = run.accelerator, run.student_model
     world, rank = accelerator.num_processes, accelerator.process_index
+    # Every process runs as many forwards as the one with the largest share (process 0's):
+    # under FSDP each forward is a collective.
+    forward_batches = math.ceil(math.ceil(len(run.eval_examples) / world) / KL_BATCH)
     was_training = model.training
     model.eval()
     with frozen_quant(model):
         kl_sum, tokens = heldout_kl_sums(run.teacher, model, run.eval_examples[rank::world],
-                                         run.tokenizer.pad_token_id, run.c.max_length)
+                                         run.tokenizer.pad_token_id, run.c.max_length,
+                                         forward_batches=forward_batches, filler=run.eval_examples[0])
     model.train(was_training)
     sums = accelerator.reduce(torch.tensor([kl_sum, tokens], dtype=torch.float64, device=accelerator.device), "sum")
     kl = (sums[0] / sums[1].clamp(min=1)).item()

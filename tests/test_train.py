@@ -316,6 +316,46 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, ti
     assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
 
 
+def test_heldout_kl_runs_as_many_student_forwards_on_every_process_and_the_sums_are_unchanged():
+    # 38 held-out examples on 8 processes: shares of 5 and 4, i.e. 2 or 1 batches of 4. Under
+    # FSDP each forward all-gathers weights, so a process running fewer leaves the others hung.
+    from types import SimpleNamespace
+
+    from conftest import tiny_model
+    from data import Example
+    from quant import quantize_model
+
+    generator = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(1, 128, (3 + i % 5,), generator=generator).tolist(),
+                        torch.randint(1, 128, (2 + i % 3,), generator=generator).tolist()) for i in range(38)]
+    teacher, student = tiny_model("llama"), tiny_model("llama")
+    quantize_model(student, "int4", 32)
+    forwards = []
+    student.register_forward_hook(lambda *args: forwards.append(1))
+
+    def heldout(world, rank):
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu"),
+                                      reduce=lambda tensor, reduction: tensor)  # this process's sums alone
+        run = SimpleNamespace(accelerator=accelerator, student_model=student, teacher=teacher, eval_examples=examples,
+                              tokenizer=SimpleNamespace(pad_token_id=0), c=SimpleNamespace(max_length=64),
+                              totals={"heldout_kl_step0": None})
+        forwards.clear()
+        kl = train.heldout_kl(run)["heldout_kl"]
+        return len(forwards), kl
+
+    per_rank = [heldout(8, rank) for rank in range(8)]
+    assert [count for count, _ in per_rank] == [2] * 8
+    assert heldout(1, 0)[0] == 10  # one process alone: 38 examples, batches of 4
+    # the filler forwards add nothing: the shares' KL sums add up to one process's
+    from eval import heldout_kl_sums
+
+    sums = [heldout_kl_sums(teacher, student, examples[rank::8], 0, 64, forward_batches=2, filler=examples[0])
+            for rank in range(8)]
+    whole = heldout_kl_sums(teacher, student, examples, 0, 64)
+    assert sum(t for _, t in sums) == whole[1]
+    assert sum(k for k, _ in sums) == pytest.approx(whole[0], rel=1e-5)
+
+
 def test_every_process_joins_the_collectives_of_a_save_and_only_the_main_one_writes(tmp_path):
     # Under FSDP, gathering the full state dict is a collective: a process that skips it
     # leaves the others waiting forever at the first checkpoint.
