@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 42
     output_dir: str | None = None  # default: dump/<quant>_lmbda<l>_beta<b>_lr<lr>
     save_steps: int = 0  # checkpoint every N steps (0: only at the end)
+    save_total_limit: int = 0  # keep the last N checkpoints (and the one resumed from); 0: keep all
     stop_after: int = 0  # run at most N steps in this invocation, then checkpoint (0: no limit)
     resume: bool = False
     overwrite: bool = False
@@ -131,6 +132,7 @@ def parse_config(argv=None) -> TrainConfig:
         unknown = set(values) - {f.name for f in fields(TrainConfig)}
         if unknown:
             raise Abort(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+        values = {k: _typed(path, k, v) for k, v in values.items()}
     values.update(cli)
     config = TrainConfig(**values)
     validate(config)
@@ -141,6 +143,19 @@ def parse_config(argv=None) -> TrainConfig:
 
 class Abort(Exception):
     """Bad input or a run that cannot go on: reported as one line, non-zero exit."""
+
+
+_TOML_KINDS = {"bool": (bool, "true or false"), "int": (int, "an integer"), "float": (float, "a number"),
+               "str": (str, "a quoted string")}
+
+
+def _typed(path: Path, key: str, value):
+    """A TOML value as the field's type (an integer where a float is expected is fine), or an
+    Abort naming the key: the command line's parser checks flags, nothing checks a file."""
+    kind, meaning = _TOML_KINDS[TrainConfig.__dataclass_fields__[key].type.removesuffix(" | None")]
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise Abort(f"{path}: {key} must be {meaning}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def validate(c: TrainConfig) -> None:
@@ -164,7 +179,9 @@ def validate(c: TrainConfig) -> None:
     for name in ("temperature", "loss_temperature", "learning_rate"):
         if not getattr(c, name) > 0:
             raise Abort(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
-    for name in ("save_steps", "stop_after", "eval_steps"):
+    if c.resume and c.overwrite:
+        raise Abort("--resume continues the run in --output_dir and --overwrite deletes it: pass one of them")
+    for name in ("save_steps", "save_total_limit", "stop_after", "eval_steps"):
         if getattr(c, name) < 0:
             raise Abort(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
@@ -287,6 +304,7 @@ class Run:
     eval_examples: list
     start_step: int
     totals: dict  # train_s, tokens_generated, on_policy_steps, heldout_kl_step0: carried over a resumption
+    resumed_from: Path | None = None  # the checkpoint this invocation started from: never rotated away
 
 
 def main(argv=None) -> int:
@@ -351,7 +369,7 @@ def set_up(c: TrainConfig) -> Run:
             state = checkpoints.load(accelerator, resume_from)
         except checkpoints.CheckpointError as e:
             raise Abort(str(e)) from None
-        run.start_step = state["step"]
+        run.start_step, run.resumed_from = state["step"], resume_from
         run.totals.update({k: state[k] for k in run.totals if k in state})
         if "on_policy_steps" not in state:  # a checkpoint from before the count was saved
             run.totals["on_policy_steps"] = round(state.get("on_policy_fraction", 0.0) * state["step"])
@@ -589,6 +607,9 @@ def train(c: TrainConfig) -> int:
                     checkpoint = checkpoints.save(accelerator, run.student, run.tokenizer, out, run_config_dict(c),
                                                   step, {**metrics, "heldout_kl_step0": totals["heldout_kl_step0"]})
                     log.info("saved %s", checkpoint)
+                    if c.save_total_limit and accelerator.is_main_process:
+                        for removed in checkpoints.rotate(out, c.save_total_limit, keep_also=run.resumed_from):
+                            log.info("removed %s (--save-total-limit %d)", removed, c.save_total_limit)
                 if signalled:
                     raise Interrupted(checkpoint)
                 if stop_now:

@@ -62,6 +62,7 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
     (["--lora-alpha=-inf"], "--lora-alpha must be a finite number, got -inf"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -69,6 +70,36 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('max_steps = "100"', "max_steps must be an integer, got '100'"),
+    ("lmbda = true", "lmbda must be a number, got True"),
+    ("seq-kd = 1", "seq_kd must be true or false, got 1"),
+    ("quant_type = 4", "quant_type must be a quoted string, got 4"),
+    ("group_size = 32.0", "group_size must be an integer, got 32.0"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, line, message):
+    config = tmp_path / "run.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(train.Abort, match=f"^{config}: {message}$"):
+        train.parse_config(["--config", str(config)])
+
+
+def test_a_config_file_of_the_wrong_type_exits_with_one_line_and_writes_nothing(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('max_steps = "100"\n')
+    assert train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_steps must be an integer" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_integer_in_the_config_file_is_a_float_where_one_is_expected(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("learning_rate = 1\nlmbda = 0\n")
+    c = train.parse_config(["--config", str(config)])
+    assert (c.learning_rate, c.lmbda) == (1.0, 0.0) and isinstance(c.lmbda, float)
 
 
 def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
@@ -164,6 +195,39 @@ def test_existing_output_dir_is_refused_unless_resume_or_overwrite(tmp_path, tin
     assert "different configuration (beta)" in capsys.readouterr().err
     assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--overwrite")) == 0
+
+
+def test_resume_with_overwrite_is_refused_and_the_run_is_kept(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1")) == 0
+    before = weights(out / "checkpoint-1")
+    capsys.readouterr()
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--resume",
+                                "--overwrite")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume continues the run in --output_dir and --overwrite deletes it" in err
+    assert len(err.splitlines()) == 1
+    assert checkpoints.latest_checkpoint(out) == out / "checkpoint-1"
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in output_dir.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_save_total_limit_keeps_the_last_checkpoints_and_the_one_resumed_from(tmp_path, tiny_checkpoint,
+                                                                              chat_dataset):
+    out = tmp_path / "run"
+    common = ("--save-steps", "1", "--save-total-limit", "1", "--lmbda", "0")
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, *common, "--max-steps", "4",
+                                "--stop-after", "2")) == 0
+    assert checkpoint_steps(out) == [2]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-removed
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, *common, "--max-steps", "4", "--resume")) == 0
+    assert checkpoint_steps(out) == [2, 4]  # 3 rotated away; 2 is where this invocation started
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--save-steps", "1", "--save-total-limit", "2",
+                                "--lmbda", "0", "--max-steps", "4", "--resume")) == 0  # already done: nothing saved
+    assert checkpoint_steps(out) == [2, 4]
 
 
 def test_eval_steps_write_a_learning_curve_that_ends_at_eval_py_value(tmp_path, tiny_checkpoint, chat_dataset,
