@@ -423,9 +423,9 @@ def sweep(args, train_flags: list[str]) -> int:
         import eval as evaluation
 
         try:
-            evaluation.build_parser().parse_args(["RUN", *shlex.split(args.eval_flags)])
-        except SystemExit:
-            raise SweepError(f"--eval flags {args.eval_flags!r} are not valid eval.py flags") from None
+            evaluation.parse_args(["RUN", *shlex.split(args.eval_flags)])
+        except (evaluation.EvalError, FileNotFoundError) as e:
+            raise SweepError(f"--eval flags {args.eval_flags!r}: {e}") from None
     root = Path(args.root)
     results_dir = Path(args.results) if args.results else root / "results"
     runs = plan_runs(parse_grid(args.grid), args.seeds, train_flags, root, results_dir)
