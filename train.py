@@ -215,6 +215,19 @@ def validate(c: TrainConfig) -> None:
         raise Abort("--lora-r adapts the fake-quantized layers; it needs a --quant-type other than none")
     if not 0 <= c.warmup_ratio < 1:
         raise Abort(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
+    if c.do_eval or c.eval_args:  # now, not after hours of training
+        check_eval_args(c.eval_args)
+
+
+def check_eval_args(eval_args: str) -> None:
+    import shlex
+
+    import eval as evaluation
+
+    try:
+        evaluation.parse_args(["CHECKPOINT", *shlex.split(eval_args)])
+    except (ValueError, evaluation.EvalError, FileNotFoundError) as e:  # ValueError: shlex's unclosed quote
+        raise Abort(f"--eval-args {eval_args!r}: {e}") from None
 
 
 def default_output_dir(c: TrainConfig) -> str:
@@ -626,12 +639,27 @@ def train(c: TrainConfig) -> int:
             accelerator.end_training()
     log.info("done: step %d, on-policy fraction %.2f", step, totals["on_policy_steps"] / step if step else 0)
     if c.do_eval and step >= c.max_steps and accelerator.is_main_process:
-        import shlex
-
-        import eval as evaluation
-
-        return evaluation.main([str(checkpoints.latest_checkpoint(out)), *shlex.split(c.eval_args)])
+        final = checkpoints.latest_checkpoint(out)
+        accelerator.free_memory()  # it holds the prepared student and optimizer
+        del run  # the teacher, the student, AdamW's state
+        return evaluate(final, c.eval_args)
     return 0
+
+
+def evaluate(checkpoint: Path, eval_args: str) -> int:
+    """eval.py on the final checkpoint, in a process of its own started once the training
+    state is freed: its models get the memory (and the device) to themselves."""
+    import gc
+    import shlex
+    import subprocess
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    command = [sys.executable, str(Path(__file__).resolve().with_name("eval.py")), str(checkpoint),
+               *shlex.split(eval_args)]
+    log.info("evaluating: %s", shlex.join(command))
+    return subprocess.run(command).returncode
 
 
 if __name__ == "__main__":

@@ -230,6 +230,33 @@ def test_save_total_limit_keeps_the_last_checkpoints_and_the_one_resumed_from(tm
     assert checkpoint_steps(out) == [2, 4]
 
 
+def test_bad_eval_args_are_refused_at_start_up_and_nothing_is_written(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--do-eval",
+                                "--eval-args", "--batch-size abc")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eval-args '--batch-size abc': argument --batch-size/--batch_size: must be a positive integer" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--do-eval", "--eval-args", "--tasks 'arc")) == 2
+    assert "--eval-args \"--tasks 'arc\": No closing quotation" in capsys.readouterr().err
+
+
+def test_do_eval_evaluates_the_final_checkpoint_in_a_process_of_its_own(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                       monkeypatch):
+    import eval as evaluation
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("eval.py ran inside the training process")
+
+    monkeypatch.setattr(evaluation, "main", in_this_process)
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--do-eval",
+                                "--eval-args", "--tasks '' --no-perplexity")) == 0
+    rows = json.loads((out / "eval" / "results.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "ptq", "run/checkpoint-1"]
+
+
 def test_eval_steps_write_a_learning_curve_that_ends_at_eval_py_value(tmp_path, tiny_checkpoint, chat_dataset,
                                                                       monkeypatch):
     import eval as evaluation
