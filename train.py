@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -344,6 +345,11 @@ def set_up(c: TrainConfig) -> Run:
     from eval import heldout_examples
     from losses import DistillationLoss
 
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
+    if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's
+        raise Abort(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or --mixed_precision) "
+                    f"but train.py's --mixed-precision is {c.mixed_precision}; train.py's flag decides: pass "
+                    f"--mixed-precision {launcher_precision} or launch with --mixed_precision {c.mixed_precision}")
     try:  # input errors; anything raised later is a bug and keeps its traceback
         resume_from = checkpoints.checkpoint_to_resume(c)
         accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir,

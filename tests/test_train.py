@@ -102,6 +102,15 @@ def test_an_integer_in_the_config_file_is_a_float_where_one_is_expected(tmp_path
     assert (c.learning_rate, c.lmbda) == (1.0, 0.0) and isinstance(c.lmbda, float)
 
 
+def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as configs/accelerate_fsdp.yaml sets it
+    assert train.main(["--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("the launcher's mixed_precision is bf16 (accelerate config or --mixed_precision) but train.py's "
+            "--mixed-precision is no" in err and len(err.splitlines()) == 1)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
     assert train.parse_config([]).scale_rule == "mse"  # RESULTS.md stage 5
     assert train.parse_config(["--scale-rule", "floor"]).scale_rule == "floor"
