@@ -389,9 +389,13 @@ KL_ROWS = 256  # completion positions per KL chunk: [rows, vocab] stays cache-si
 def completion_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
     """The logits at the masked positions only, [positions, vocab]: the head runs on those
     hidden states alone (prompt and padding positions never reach it)."""
+    from torch.distributed.tensor import DTensor
+
     from losses import hidden_states_instead_of_logits, supports_fused_loss
 
-    if not supports_fused_loss(model):  # a head with softcapping or a scale: the model's own logits
+    # A head with softcapping or a scale, or one sharded by FSDP (only the model's own forward
+    # gathers it): the model's own logits.
+    if not supports_fused_loss(model) or isinstance(model.get_output_embeddings().weight, DTensor):
         return model(**inputs).logits[mask]
     with hidden_states_instead_of_logits(model) as head:
         hidden = model(**inputs).logits[mask]

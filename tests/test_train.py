@@ -656,6 +656,60 @@ dist.destroy_process_group()
         assert max(map(len, row["sharded"])) == (2 if rank == 0 else 6)
 
 
+# configs/accelerate_fsdp.yaml's FSDP settings, as `accelerate launch --config_file` exports them.
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_OFFLOAD_PARAMS": "false", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+def fsdp_train(*args) -> str:
+    """train.py sharded by FSDP2 over two gloo CPU processes (tests/fsdp_on_cpu.py); its log.
+    A collective that only some processes join hangs: the timeout fails the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **FSDP_ENV}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "tests" / "fsdp_on_cpu.py"), *args],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_fsdp2_on_two_processes_saves_resumes_and_evaluates_like_one_process(tmp_path, tiny_checkpoint,
+                                                                           chat_dataset):
+    # 9 held-out examples: shares of 5 and 4, two forward batches of 4 on one process and one on
+    # the other unless the shorter share is padded. Seed 5: step 1 of 3 is on-policy.
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(chat_dataset.read_text().splitlines(keepends=True)[:9]))
+    common = ("--max-steps", "3", "--lmbda", "0.5", "--seed", "5", "--eval-steps", "1", "--eval-dataset", str(heldout))
+    straight, split, alone = tmp_path / "straight", tmp_path / "split", tmp_path / "alone"
+    log = fsdp_train(*tiny_args(tiny_checkpoint, chat_dataset, straight, *common))
+    assert "FSDP Model saved" in log  # accelerate's FSDP save path, not DDP's
+    fsdp_train(*tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--stop-after", "1"))
+    assert "resumed from" in fsdp_train(*tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--resume"))
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, alone, *common, "--gradient-accumulation-steps",
+                                "2")) == 0
+
+    assert [r["on_policy"] for r in metrics(straight)[1:]] == [False, True, False]
+    assert ["heldout_kl" in r for r in metrics(straight)] == [True] * 4
+    # the checkpoint is the whole student (gathered, not a shard), trained
+    saved, teacher = weights(straight / "checkpoint-3"), weights(tiny_checkpoint)
+    assert all(saved[k].shape == t.shape for k, t in teacher.items())
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+    # resumed from FSDP's sharded state: the same weights and curve as the uninterrupted run
+    resumed = weights(split / "checkpoint-3")
+    assert resumed.keys() == saved.keys() and all(torch.equal(resumed[k], saved[k]) for k in saved)
+    assert [r.get("loss") for r in metrics(split)] == [r.get("loss") for r in metrics(straight)]
+    assert [r.get("heldout_kl") for r in metrics(split)] == [r.get("heldout_kl") for r in metrics(straight)]
+    # and what one unsharded process computes with the same examples per step
+    assert len(metrics(alone)) == 4
+    for sharded, single in zip(metrics(straight), metrics(alone)):
+        assert sharded["heldout_kl"] == pytest.approx(single["heldout_kl"], rel=1e-4)
+        if sharded["step"]:
+            assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    final = weights(alone / "checkpoint-3")
+    for k, t in final.items():
+        torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("rollout_dtype", ["float32", "bfloat16"])
 def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
                                                           rollout_dtype):
