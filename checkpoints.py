@@ -24,7 +24,7 @@ log = logging.getLogger("checkpoints")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Settings that may change between a run and its resumption (a moved directory is the same run).
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "stop_after", "resume", "overwrite", "do_eval", "log_with",
+RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "stop_after", "resume", "overwrite", "do_eval", "log_with",
                      "config", "eval_args", "eval_steps", "gradient_checkpointing", "output_dir"}
 
 
@@ -42,9 +42,30 @@ def config_differences(saved: dict, config) -> list[str]:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete ``checkpoint-<step>`` directories of a run, oldest first."""
     steps = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
              if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").exists()]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps)]
+
+
+def rotate(output_dir: Path, keep: int, keep_also: Path | None = None) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints (and ``keep_also``, the one a
+    resumed run started from); returns those removed. Each is renamed first, so a crash
+    mid-removal never leaves a directory that looks like a complete checkpoint."""
+    removed = []
+    for checkpoint in complete_checkpoints(output_dir)[:-keep]:
+        if keep_also is not None and checkpoint.resolve() == Path(keep_also).resolve():
+            continue
+        doomed = checkpoint.with_name(f".{checkpoint.name}.removing")
+        os.replace(checkpoint, doomed)
+        shutil.rmtree(doomed)
+        removed.append(checkpoint)
+    return removed
 
 
 def checkpoint_to_resume(config) -> Path | None:
@@ -127,13 +148,15 @@ def save(accelerator, student, tokenizer, output_dir: Path, run_config: dict, st
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging / "accelerate_state"))
+    # Every process: under FSDP gathering the full state dict is a collective (the main
+    # process alone would wait for the others forever); elsewhere it is only a copy.
+    state = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
         from lora import ADAPTER_FILE, merged_state_dict
 
         unwrapped = accelerator.unwrap_model(student)
-        state = accelerator.get_state_dict(student)
         lora = getattr(unwrapped, "lora_settings", None)
         if lora is not None:  # the merged student for eval.py and export.py, the adapters to resume
             save_file({k: v.contiguous() for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))},

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -266,39 +267,85 @@ def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot
 EXPORT_KEY = "qakd_quantization"  # export.py's record of the student's settings
 
 
-def load_student(checkpoint: Path):
-    """A saved student rebuilt with its recorded quantization (what deploys), or a
-    compressed-tensors export of one, loaded as it ships."""
-    from models import load_model
-    from quant import CONFIG_KEY, quantize_model_from_settings
+def student_settings(checkpoint: Path) -> dict:
+    """The quantization settings a student row is evaluated with, read without loading its
+    weights (so that a bad checkpoint is refused before any model loads)."""
+    from quant import CONFIG_KEY
 
     from export import GGUF_FILE
 
     if (checkpoint / GGUF_FILE).exists() and not (checkpoint / "config.json").exists():
-        import gguf  # export.py's GGUF directory: transformers dequantizes it (gguf-py) to float32
+        import gguf
 
-        model, tokenizer = load_model(checkpoint / GGUF_FILE)
         field = gguf.GGUFReader(checkpoint / GGUF_FILE).fields.get("qakd.quantization")
         if field is None:
             raise EvalError(f"{checkpoint / GGUF_FILE} was not written by export.py (no qakd.quantization field)")
-        return model.eval(), tokenizer, json.loads(field.contents())
+        return json.loads(field.contents())
     if not (checkpoint / "config.json").exists():
         raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
                         f"or a run directory that holds one")
     config = json.loads((checkpoint / "config.json").read_text())
-    if EXPORT_KEY in config:  # export.py's compressed-tensors directory: the 4-bit weights as they ship
+    if EXPORT_KEY in config:
+        return config[EXPORT_KEY]
+    if not config.get(CONFIG_KEY):
+        raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
+                        f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
+    return config[CONFIG_KEY]
+
+
+def load_student(checkpoint: Path):
+    """A saved student rebuilt with its recorded quantization (what deploys), or a
+    compressed-tensors export of one, loaded as it ships."""
+    from models import load_model
+    from quant import quantize_model_from_settings
+
+    from export import GGUF_FILE
+
+    settings = student_settings(checkpoint)
+    if (checkpoint / GGUF_FILE).exists() and not (checkpoint / "config.json").exists():
+        # export.py's GGUF directory: transformers dequantizes it (gguf-py) to float32
+        model, tokenizer = load_model(checkpoint / GGUF_FILE)
+        return model.eval(), tokenizer, settings
+    if EXPORT_KEY in json.loads((checkpoint / "config.json").read_text()):
+        # export.py's compressed-tensors directory: the 4-bit weights as they ship
         from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
         model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
             checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-        return model.eval(), AutoTokenizer.from_pretrained(checkpoint), config[EXPORT_KEY]
-    settings = config.get(CONFIG_KEY)
-    if not settings:
-        raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
-                        f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
+        return model.eval(), AutoTokenizer.from_pretrained(checkpoint), settings
     model, tokenizer = load_model(checkpoint)
     quantize_model_from_settings(model, settings)
     return model.eval(), tokenizer, settings
+
+
+def on_device(model, device: torch.device, dtype: torch.dtype):
+    """``model`` on ``device``, computing in ``dtype``. Below float32 each fake-quantized layer
+    first becomes a plain linear layer holding its quantized weight, computed from the
+    float32 latent weight (MXFP4 values are exact in bfloat16; INT4 ones are rounded, as a
+    W4A16 kernel with bfloat16 scales would round them): quantizing a rounded latent weight
+    would give other 4-bit values than the student trained with."""
+    from lora import merged_weight
+    from quant import FakeQuantLinear, fake_quantize
+
+    if dtype != torch.float32:
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]:
+            plain = torch.nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+            with torch.no_grad():
+                quantized = fake_quantize(merged_weight(layer), layer.quant_type, layer.group_size, layer.scale_rule)
+            plain.weight = torch.nn.Parameter(quantized, requires_grad=False)
+            plain.bias = layer.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return model.to(device=device, dtype=dtype)
+
+
+def free(device: torch.device) -> None:
+    """Return a deleted model's memory: the caching allocator keeps it otherwise."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -342,38 +389,55 @@ KL_ROWS = 256  # completion positions per KL chunk: [rows, vocab] stays cache-si
 def completion_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
     """The logits at the masked positions only, [positions, vocab]: the head runs on those
     hidden states alone (prompt and padding positions never reach it)."""
+    from torch.distributed.tensor import DTensor
+
     from losses import hidden_states_instead_of_logits, supports_fused_loss
 
-    if not supports_fused_loss(model):  # a head with softcapping or a scale: the model's own logits
+    # A head with softcapping or a scale, or one sharded by FSDP (only the model's own forward
+    # gathers it): the model's own logits.
+    if not supports_fused_loss(model) or isinstance(model.get_output_embeddings().weight, DTensor):
         return model(**inputs).logits[mask]
     with hidden_states_instead_of_logits(model) as head:
         hidden = model(**inputs).logits[mask]
     return torch.nn.functional.linear(hidden, head)
 
 
-@torch.no_grad()
-def heldout_kl_sums(teacher, student, examples, pad_token_id: int, max_length: int = EMBEDDED_MAX_LENGTH,
-                    batch_size: int = KL_BATCH) -> tuple[float, int]:
-    """(sum over completion tokens of KL(teacher || student), token count), teacher-forced on
-    the examples' reference completions. Sums, so that processes can add theirs."""
+def _kl_sums_of_batch(teacher, student, chunk, pad_token_id: int, max_length: int, device) -> tuple[float, int]:
     from data import build_batch
     from losses import IGNORE_INDEX, jsd_per_token
 
+    forced = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_token_id, max_length)
+    mask = (forced["labels"] != IGNORE_INDEX).to(device)
+    inputs = {k: forced[k].to(device) for k in ("input_ids", "attention_mask")}
+    student_logits, teacher_logits = completion_logits(student, inputs, mask), completion_logits(teacher, inputs, mask)
+    kl_sum = 0.0
+    for row in range(0, student_logits.shape[0], KL_ROWS):
+        kl = jsd_per_token(student_logits[row:row + KL_ROWS], teacher_logits[row:row + KL_ROWS], beta=0.0)
+        kl_sum += kl.double().sum().item()
+    return kl_sum, int(mask.sum())
+
+
+@torch.no_grad()
+def heldout_kl_sums(teacher, student, examples, pad_token_id: int, max_length: int = EMBEDDED_MAX_LENGTH,
+                    batch_size: int = KL_BATCH, forward_batches: int | None = None, filler=None) -> tuple[float, int]:
+    """(sum over completion tokens of KL(teacher || student), token count), teacher-forced on
+    the examples' reference completions. Sums, so that processes can add theirs.
+
+    ``forward_batches``: run exactly that many forwards, those beyond the examples' own on
+    ``filler`` (an example) with their result discarded. Under FSDP each forward all-gathers
+    the student's shards, so every process must run as many as the others."""
     device = next(student.parameters()).device
     ordered = sorted(examples, key=lambda e: len(e.prompt_ids) + len(e.completion_ids))  # less padding
+    chunks = [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+    padding = 0 if forward_batches is None else forward_batches - len(chunks)
+    if padding < 0 or (padding and filler is None):
+        raise ValueError(f"{len(chunks)} batches of held-out examples cannot make {forward_batches} forwards")
     kl_sum, tokens = 0.0, 0
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
-        forced = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_token_id,
-                             max_length)
-        mask = (forced["labels"] != IGNORE_INDEX).to(device)
-        inputs = {k: forced[k].to(device) for k in ("input_ids", "attention_mask")}
-        student_logits, teacher_logits = completion_logits(student, inputs, mask), completion_logits(
-            teacher, inputs, mask)
-        for row in range(0, student_logits.shape[0], KL_ROWS):
-            kl = jsd_per_token(student_logits[row:row + KL_ROWS], teacher_logits[row:row + KL_ROWS], beta=0.0)
-            kl_sum += kl.double().sum().item()
-        tokens += int(mask.sum())
+    for chunk in chunks:
+        batch_kl, batch_tokens = _kl_sums_of_batch(teacher, student, chunk, pad_token_id, max_length, device)
+        kl_sum, tokens = kl_sum + batch_kl, tokens + batch_tokens
+    for _ in range(padding):  # weight 0: only the forward's collectives count
+        _kl_sums_of_batch(teacher, student, [filler], pad_token_id, max_length, device)
     return kl_sum, tokens
 
 
@@ -519,15 +583,44 @@ def plot(rows: dict[str, dict], tasks: list[str], path: Path) -> None:
 
 # ---------------------------------------------------------------- main
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise EvalError(f"{message} (see eval.py --help)")
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+DTYPES = ("float32", "bfloat16")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="*", help="checkpoint-N directories or run directories (latest checkpoint)")
     p.add_argument("--model", help="teacher weights (default: the checkpoint's run_config model, else embedded)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    p.add_argument("--num-fewshot", "--num_fewshot", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="items per task (documents for perplexity)")
-    p.add_argument("--batch-size", "--batch_size", default="16", help="an integer, or 'auto' (lm-eval's probe)")
-    p.add_argument("--max-length", "--max_length", type=int, default=2048, help="context window for lm-eval")
+    p.add_argument("--num-fewshot", "--num_fewshot", type=_at_least(0), default=0)
+    p.add_argument("--limit", type=_at_least(1), default=None, help="items per task (documents for perplexity)")
+    p.add_argument("--batch-size", "--batch_size", type=_batch_size, default=16,
+                   help="an integer, or 'auto' (lm-eval's probe)")
+    p.add_argument("--max-length", "--max_length", type=_at_least(1), default=2048, help="context window for lm-eval")
     p.add_argument("--data-dir", "--data_dir", help="local benchmark copies (DIR/<task>/<split>.jsonl)")
     p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
                    help="wikitext-2 word perplexity (default: on)")
@@ -538,7 +631,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired test of row B against row A")
     p.add_argument("--no-cache", "--no_cache", action="store_true", help="re-evaluate teacher and ptq rows")
     p.add_argument("--device", help="where the models run: cuda when a GPU is visible, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="what the models compute in; bfloat16 halves their memory (big models)")
     return p
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """eval.py's flags, each checked (tasks, files, device, output directory) without loading
+    a model: train.py --do-eval and sweep.py --eval call this at their start."""
+    args = build_parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise EvalError(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
+    args.task_list = tasks
+    if args.data_dir:
+        if not Path(args.data_dir).is_dir():
+            raise EvalError(f"--data-dir {args.data_dir} is not a directory")
+        for task in tasks + ([PERPLEXITY_TASK] if args.perplexity else []):
+            folder, splits = LOCAL_DATA[task]
+            for split in splits:
+                _require(Path(args.data_dir) / folder / f"{split}.jsonl", task)
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise EvalError(f"--output-dir {args.output_dir} is a file; name a directory")
+    if args.model:
+        from models import EMBEDDED_MODEL, resolve_model_source
+
+        if args.model != EMBEDDED_MODEL:
+            resolve_model_source(args.model)  # FileNotFoundError for a local path that is not there
+    choose_device(args.device, torch.cuda.is_available())
+    return args
 
 
 def choose_device(requested: str | None, cuda_available: bool) -> torch.device:
@@ -567,9 +689,14 @@ def cached_result(key: str | None, compute, no_cache: bool = False) -> dict:
         log.info("using cached result %s", path)
         return json.loads(path.read_text())
     value = compute()
-    if path is not None:
+    if path is not None:  # written whole or not at all: a torn file would be read back next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            partial.write_text(json.dumps(value))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
     return value
 
 
@@ -598,82 +725,89 @@ def evaluate_row(model, tokenizer, args, tasks, use_cache_key=None) -> dict:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except (EvalError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
+def ptq_rows(all_settings: list[dict]) -> dict[str, dict]:
+    """{row name: the quantization settings it rounds the teacher with}, one per distinct
+    setting among the students."""
+    keys = []
+    for settings in all_settings:
+        key = {k: settings.get(k) for k in ("quant_type", "group_size", "scale_rule", "skip")}
+        if key not in keys:
+            keys.append(key)
+    return {("ptq" if len(keys) == 1 else f"ptq {key['quant_type']} g{key['group_size']}"): key for key in keys}
+
+
+def student_row_name(checkpoint: Path) -> str:
+    return checkpoint.parent.name + "/" + checkpoint.name if checkpoint.name.startswith("checkpoint-") \
+        else checkpoint.name
+
+
 def run(args) -> int:
     from models import load_model
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise EvalError(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
-    if args.data_dir:
-        if not Path(args.data_dir).is_dir():
-            raise EvalError(f"--data-dir {args.data_dir} is not a directory")
-        for task in tasks + ([PERPLEXITY_TASK] if args.perplexity else []):
-            folder, splits = LOCAL_DATA[task]
-            for split in splits:
-                _require(Path(args.data_dir) / folder / f"{split}.jsonl", task)
-    device = choose_device(args.device, torch.cuda.is_available())
+    tasks = args.task_list
+    device, dtype = choose_device(args.device, torch.cuda.is_available()), getattr(torch, args.dtype)
+    # Everything that can be refused is refused before a model loads.
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoints]
-    students = [(c, *load_student(c)) for c in checkpoints]  # fail fast on a bad checkpoint
+    ptq = ptq_rows([student_settings(c) for c in checkpoints])
+    names = ["teacher", *ptq, *(student_row_name(c) for c in checkpoints)]
+    compare = [_row_name(names, name) for name in args.compare] if args.compare else None
     teacher_source = args.model
     if teacher_source is None and checkpoints:
         run_config = checkpoints[0] / "run_config.json"
         teacher_source = json.loads(run_config.read_text()).get("model") if run_config.exists() else None
-    teacher, tokenizer = load_model(teacher_source)
-    teacher.eval().to(device)
-    log.info("evaluating on %s", device)
     output_dir = Path(args.output_dir) if args.output_dir else (
         checkpoints[0].parent / "eval" if checkpoints else Path("eval_results"))
+    if output_dir.exists() and not output_dir.is_dir():
+        raise EvalError(f"output directory {output_dir} is a file; pass --output-dir")
 
+    teacher, tokenizer = load_model(teacher_source)
+    teacher = on_device(teacher.eval(), device, dtype)
+    log.info("evaluating on %s in %s", device, args.dtype)
     source = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
-    common_key = json.dumps([teacher_source or "embedded", tasks, args.limit, args.num_fewshot, source,
-                             args.perplexity, args.max_length], sort_keys=True)
+    common = [teacher_source or "embedded", tasks, args.limit, args.num_fewshot, source, args.perplexity,
+              args.max_length] + ([args.dtype] if args.dtype != "float32" else [])  # float32: the keys as before
+    common_key = json.dumps(common, sort_keys=True)
     rows: dict[str, dict] = {}
 
     def key_of(*parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def embedded(name_key, model) -> dict:
-        return cached_result(key_of("embedded", EMBEDDED_VERSION, name_key, teacher_source or "embedded", args.limit),
+        dtype_part = [args.dtype] if args.dtype != "float32" else []
+        return cached_result(key_of("embedded", EMBEDDED_VERSION, name_key, teacher_source or "embedded", args.limit,
+                                    *dtype_part),
                              lambda: embedded_eval(teacher, model, tokenizer, limit=args.limit), args.no_cache)
 
     rows["teacher"] = evaluate_row(teacher, tokenizer, args, tasks,
                                    hashlib.sha256(("teacher" + common_key).encode()).hexdigest()[:20])
     if args.embedded:
         rows["teacher"]["embedded"] = embedded("teacher", teacher)
-    settings_seen = []
-    for _, _, _, settings in students:
-        key = {k: settings.get(k) for k in ("quant_type", "group_size", "scale_rule", "skip")}
-        if key not in settings_seen:
-            settings_seen.append(key)
-    for key in settings_seen:
-        name = "ptq" if len(settings_seen) == 1 else f"ptq {key['quant_type']} g{key['group_size']}"
+    for name, key in ptq.items():
         cache_key = hashlib.sha256((json.dumps(key, sort_keys=True) + common_key).encode()).hexdigest()[:20]
-        ptq = ptq_baseline(teacher, key)
-        rows[name] = evaluate_row(ptq, tokenizer, args, tasks, cache_key)
+        model = on_device(ptq_baseline(teacher, key), device, dtype)
+        rows[name] = evaluate_row(model, tokenizer, args, tasks, cache_key)
         if args.embedded:
-            rows[name]["embedded"] = embedded(key, ptq)
-        del ptq
-    for checkpoint, model, _, _ in students:
-        model.to(device)
-        name = checkpoint.parent.name + "/" + checkpoint.name if checkpoint.name.startswith("checkpoint-") \
-            else checkpoint.name
+            rows[name]["embedded"] = embedded(key, model)
+        del model
+        free(device)
+    for checkpoint in checkpoints:  # one student on the device at a time
+        model = on_device(load_student(checkpoint)[0], device, dtype)
+        name = student_row_name(checkpoint)
         rows[name] = evaluate_row(model, tokenizer, args, tasks)
         if args.embedded:
             rows[name]["embedded"] = embedded_eval(teacher, model, tokenizer, limit=args.limit)
+        del model
+        free(device)
 
     table = render_table(rows, tasks)
-    comparison_lines = []
-    if args.compare:
-        comparison_lines = compare_rows(rows, tasks, *args.compare)
+    comparison_lines = compare_rows(rows, tasks, *compare) if compare else []
     output_dir.mkdir(parents=True, exist_ok=True)
     report = table + ("\n\n" + "\n".join(comparison_lines) if comparison_lines else "") + "\n"
     (output_dir / "results.md").write_text(report)
@@ -686,7 +820,8 @@ def run(args) -> int:
     return 0
 
 
-def _row_name(rows: dict, name: str) -> str:
+def _row_name(rows, name: str) -> str:
+    """The row (of the names in ``rows``) that a --compare name means."""
     if name in rows:
         return name
     matches = [r for r in rows if r.startswith(Path(name).name) or Path(name).name in r]

@@ -334,14 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool = False) -> Path:
-    from eval import EvalError, load_student, resolve_checkpoint
+    from eval import EXPORT_KEY, EvalError, load_student, resolve_checkpoint
     from quant import CONFIG_KEY
 
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
     try:
         checkpoint = resolve_checkpoint(checkpoint_path)
-        settings = json.loads((checkpoint / "config.json").read_text()).get(CONFIG_KEY)
+        config_file = checkpoint / "config.json"
+        if not config_file.exists() or EXPORT_KEY in json.loads(config_file.read_text()):
+            kind = "compressed-tensors" if config_file.exists() else "gguf"
+            raise ExportError(f"{checkpoint} is already an export ({kind}); export takes a student checkpoint "
+                              f"saved by train.py (checkpoint-N or its run directory)")
+        if checkpoint.resolve().is_relative_to(out.resolve()):
+            raise ExportError(f"--out {out} holds the checkpoint being exported; choose another directory")
+        settings = json.loads(config_file.read_text()).get(CONFIG_KEY)
         if not settings:
             raise ExportError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); export "
                               f"takes a student checkpoint saved by train.py")

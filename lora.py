@@ -75,7 +75,10 @@ def merged_weight(layer) -> torch.Tensor:
     """W + s * B A: the latent weight an adapted layer quantizes (W itself without adapters)."""
     if getattr(layer, "lora_A", None) is None:
         return layer.weight
-    return layer.weight + layer.lora_scale * (layer.lora_B @ layer.lora_A)
+    # float32 even under bf16 autocast: the merged checkpoint forms B A in float32, so training
+    # must too, or the exported model computes another function than the trained one.
+    with torch.autocast(layer.weight.device.type, enabled=False):
+        return layer.weight + layer.lora_scale * (layer.lora_B @ layer.lora_A)
 
 
 def adapters(model: nn.Module) -> dict[str, torch.Tensor]:

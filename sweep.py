@@ -22,7 +22,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,7 +82,7 @@ def run_name(values: dict[str, str], seed: int) -> str:
             text = f"{float(value):g}"
         except ValueError:
             pass
-        parts.append(SHORT_NAMES.get(key, key) + text)
+        parts.append(SHORT_NAMES.get(key, key) + text.replace("/", "_"))  # a path's "/" would nest directories
     return "_".join(parts + [f"seed{seed}"])
 
 
@@ -118,6 +120,9 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
             except ValueError:
                 raise SweepError(f"seed {seed!r} is not an integer") from None
             name = run_name(values, seed_number)
+            if any(r["name"] == name for r in runs):
+                raise SweepError(f"two runs of the grid would both be named {name}; give values that differ "
+                                 f"in more than '/' and '_'")
             output_dir = root / name
             argv = [*train_flags]
             for key, value in values.items():
@@ -418,9 +423,9 @@ def sweep(args, train_flags: list[str]) -> int:
         import eval as evaluation
 
         try:
-            evaluation.build_parser().parse_args(["RUN", *shlex.split(args.eval_flags)])
-        except SystemExit:
-            raise SweepError(f"--eval flags {args.eval_flags!r} are not valid eval.py flags") from None
+            evaluation.parse_args(["RUN", *shlex.split(args.eval_flags)])
+        except (evaluation.EvalError, FileNotFoundError) as e:
+            raise SweepError(f"--eval flags {args.eval_flags!r}: {e}") from None
     root = Path(args.root)
     results_dir = Path(args.results) if args.results else root / "results"
     runs = plan_runs(parse_grid(args.grid), args.seeds, train_flags, root, results_dir)
@@ -441,17 +446,18 @@ def sweep(args, train_flags: list[str]) -> int:
             continue
         if run["action"] != "done":
             log.info("[%d/%d] %s %s", i, len(runs), run["action"], run["name"])
-            code = subprocess.run(train_command(args.launcher, run)).returncode
+            code = run_to_the_end(train_command(args.launcher, run))
             if code != 0:
                 print(f"error: run {run['name']} exited with {code}; rerun the same sweep command to resume it",
                       file=sys.stderr)
                 return code
-        if args.eval_flags is not None and _needs_eval(run["output_dir"]):
+        if args.eval_flags is not None and _needs_eval(run["output_dir"], args.eval_flags):
             log.info("[%d/%d] eval %s", i, len(runs), run["name"])
-            code = subprocess.run([sys.executable, *eval_command(run, args.eval_flags)[1:]]).returncode
+            code = run_to_the_end([sys.executable, *eval_command(run, args.eval_flags)[1:]])
             if code != 0:
                 print(f"error: eval.py on {run['name']} exited with {code}", file=sys.stderr)
                 return code
+            (run["output_dir"] / "eval" / EVAL_FLAGS_FILE).write_text(json.dumps(args.eval_flags))
         result = collect_result(run, args.launcher, args.eval_flags)
         result_file = results_dir / f"{run['name']}.json"
         if result["eval"] is not None and result["commands"]["eval"] is None and result_file.exists():
@@ -462,13 +468,41 @@ def sweep(args, train_flags: list[str]) -> int:
     return 0
 
 
-def _needs_eval(output_dir: Path) -> bool:
-    """No results yet, or results older than the latest checkpoint."""
+EVAL_FLAGS_FILE = "sweep_eval_flags.json"  # beside eval.py's results: the --eval flags that made them
+
+
+def _needs_eval(output_dir: Path, eval_flags: str) -> bool:
+    """No results yet, results older than the latest checkpoint, or made with other --eval
+    flags (or flags not recorded): the result file must never pair a command with numbers
+    it did not make."""
     import checkpoints
 
-    results = output_dir / "eval" / "results.json"
+    results, recorded = output_dir / "eval" / "results.json", output_dir / "eval" / EVAL_FLAGS_FILE
     latest = checkpoints.latest_checkpoint(output_dir)
-    return not results.exists() or (latest is not None and results.stat().st_mtime < latest.stat().st_mtime)
+    return (not results.exists() or (latest is not None and results.stat().st_mtime < latest.stat().st_mtime)
+            or not recorded.exists() or json.loads(recorded.read_text()) != eval_flags)
+
+
+def run_to_the_end(command: list[str]) -> int:
+    """Run a child in its own process group and wait for it, whatever signals arrive.
+    SIGINT and SIGTERM are passed to the whole group (a launcher and its workers, as a
+    terminal's Ctrl-C would) and the child is waited for, so train.py finishes its step and
+    saves; subprocess.run would kill it 0.25 s after an interrupt, or orphan a launcher."""
+    child = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum, frame):
+        log.warning("signal %d: passed to %s, waiting for it to stop", signum, Path(command[0]).name)
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:  # it has just ended
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -71,6 +72,7 @@ class TrainConfig:
     seed: int = 42
     output_dir: str | None = None  # default: dump/<quant>_lmbda<l>_beta<b>_lr<lr>
     save_steps: int = 0  # checkpoint every N steps (0: only at the end)
+    save_total_limit: int = 0  # keep the last N checkpoints (and the one resumed from); 0: keep all
     stop_after: int = 0  # run at most N steps in this invocation, then checkpoint (0: no limit)
     resume: bool = False
     overwrite: bool = False
@@ -134,6 +136,7 @@ def parse_config(argv=None) -> TrainConfig:
         unknown = set(values) - {f.name for f in fields(TrainConfig)}
         if unknown:
             raise Abort(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+        values = {k: _typed(path, k, v) for k, v in values.items()}
     values.update(cli)
     config = TrainConfig(**values)
     validate(config)
@@ -146,9 +149,26 @@ class Abort(Exception):
     """Bad input or a run that cannot go on: reported as one line, non-zero exit."""
 
 
+_TOML_KINDS = {"bool": (bool, "true or false"), "int": (int, "an integer"), "float": (float, "a number"),
+               "str": (str, "a quoted string")}
+
+
+def _typed(path: Path, key: str, value):
+    """A TOML value as the field's type (an integer where a float is expected is fine), or an
+    Abort naming the key: the command line's parser checks flags, nothing checks a file."""
+    kind, meaning = _TOML_KINDS[TrainConfig.__dataclass_fields__[key].type.removesuffix(" | None")]
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise Abort(f"{path}: {key} must be {meaning}, got {value!r}")
+    return float(value) if kind is float else value
+
+
 def validate(c: TrainConfig) -> None:
     from quant import SCALE_RULES
 
+    for f in fields(TrainConfig):  # nan passes every comparison below, inf most: refuse both first
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Abort(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("lmbda", "beta"):
         value = getattr(c, name)
         if not 0.0 <= value <= 1.0:
@@ -163,7 +183,9 @@ def validate(c: TrainConfig) -> None:
     for name in ("temperature", "loss_temperature", "learning_rate"):
         if not getattr(c, name) > 0:
             raise Abort(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
-    for name in ("save_steps", "stop_after", "eval_steps"):
+    if c.resume and c.overwrite:
+        raise Abort("--resume continues the run in --output_dir and --overwrite deletes it: pass one of them")
+    for name in ("save_steps", "save_total_limit", "stop_after", "eval_steps"):
         if getattr(c, name) < 0:
             raise Abort(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if c.max_steps < 0:
@@ -190,6 +212,8 @@ def validate(c: TrainConfig) -> None:
     if c.log_with != "none" and importlib.util.find_spec(c.log_with) is None:
         raise Abort(f"--log-with {c.log_with} needs the {c.log_with} package, which is not installed: "
                     f"uv pip install {c.log_with} (or log nothing; metrics.jsonl is always written)")
+    if c.weight_decay < 0:
+        raise Abort(f"--weight-decay must be >= 0, got {c.weight_decay}")
     if c.max_grad_norm < 0:
         raise Abort(f"--max-grad-norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
     if c.lora_r < 0:
@@ -203,6 +227,19 @@ def validate(c: TrainConfig) -> None:
         raise Abort("--lora-r adapts the fake-quantized layers; it needs a --quant-type other than none")
     if not 0 <= c.warmup_ratio < 1:
         raise Abort(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
+    if c.do_eval or c.eval_args:  # now, not after hours of training
+        check_eval_args(c.eval_args)
+
+
+def check_eval_args(eval_args: str) -> None:
+    import shlex
+
+    import eval as evaluation
+
+    try:
+        evaluation.parse_args(["CHECKPOINT", *shlex.split(eval_args)])
+    except (ValueError, evaluation.EvalError, FileNotFoundError) as e:  # ValueError: shlex's unclosed quote
+        raise Abort(f"--eval-args {eval_args!r}: {e}") from None
 
 
 def default_output_dir(c: TrainConfig) -> str:
@@ -328,6 +365,7 @@ class Run:
     eval_examples: list
     start_step: int
     totals: dict  # train_s, tokens_generated, on_policy_steps, heldout_kl_step0: carried over a resumption
+    resumed_from: Path | None = None  # the checkpoint this invocation started from: never rotated away
 
 
 def main(argv=None) -> int:
@@ -354,6 +392,11 @@ def set_up(c: TrainConfig) -> Run:
     from eval import heldout_examples
     from losses import DistillationLoss
 
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
+    if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's
+        raise Abort(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or --mixed_precision) "
+                    f"but train.py's --mixed-precision is {c.mixed_precision}; train.py's flag decides: pass "
+                    f"--mixed-precision {launcher_precision} or launch with --mixed_precision {c.mixed_precision}")
     try:  # input errors; anything raised later is a bug and keeps its traceback
         resume_from = checkpoints.checkpoint_to_resume(c)
         accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir,
@@ -395,7 +438,7 @@ def set_up(c: TrainConfig) -> Run:
             state = checkpoints.load(accelerator, resume_from)
         except checkpoints.CheckpointError as e:
             raise Abort(str(e)) from None
-        run.start_step = state["step"]
+        run.start_step, run.resumed_from = state["step"], resume_from
         run.totals.update({k: state[k] for k in run.totals if k in state})
         if "on_policy_steps" not in state:  # a checkpoint from before the count was saved
             run.totals["on_policy_steps"] = round(state.get("on_policy_fraction", 0.0) * state["step"])
@@ -502,28 +545,35 @@ def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, di
     return accelerator.reduce(total, "sum") / world, timings
 
 
-def optimizer_step(run: Run) -> float:
-    """Clip (``--max-grad-norm 0``: only measure), step, schedule; the gradient norm."""
+def clip_gradients(run: Run) -> float:
+    """Clip (``--max-grad-norm 0``: only measure); the gradient norm over all processes,
+    the same on each (DDP's gradients are averaged, FSDP's norm is reduced)."""
     # max_norm inf: the norm is measured, nothing is scaled
-    grad_norm = run.accelerator.clip_grad_norm_(run.student.parameters(), run.c.max_grad_norm or float("inf"))
+    return float(run.accelerator.clip_grad_norm_(run.student.parameters(), run.c.max_grad_norm or float("inf")))
+
+
+def optimizer_step(run: Run) -> None:
     run.optimizer.step()
     run.scheduler.step()
-    return float(grad_norm)
 
 
 def heldout_kl(run: Run) -> dict:
     """Held-out KL(teacher || student) per token, teacher-forced, and the fraction of its
     step-0 value closed; each process scores a share of the examples and the sums are added."""
-    from eval import heldout_kl_sums
+    from eval import KL_BATCH, heldout_kl_sums
     from quant import frozen_quant
 
     accelerator, model = run.accelerator, run.student_model
     world, rank = accelerator.num_processes, accelerator.process_index
+    # Every process runs as many forwards as the one with the largest share (process 0's):
+    # under FSDP each forward is a collective.
+    forward_batches = math.ceil(math.ceil(len(run.eval_examples) / world) / KL_BATCH)
     was_training = model.training
     model.eval()
     with frozen_quant(model):
         kl_sum, tokens = heldout_kl_sums(run.teacher, model, run.eval_examples[rank::world],
-                                         run.tokenizer.pad_token_id, run.c.max_length)
+                                         run.tokenizer.pad_token_id, run.c.max_length,
+                                         forward_batches=forward_batches, filler=run.eval_examples[0])
     model.train(was_training)
     sums = accelerator.reduce(torch.tensor([kl_sum, tokens], dtype=torch.float64, device=accelerator.device), "sum")
     kl = (sums[0] / sums[1].clamp(min=1)).item()
@@ -588,14 +638,19 @@ def train(c: TrainConfig) -> int:
                                      device=accelerator.device)
                 num_items, sampled = accelerator.reduce(local, "sum")
                 loss, timings = backward(run, batches, num_items)
-                skipped = not torch.isfinite(loss)  # the same on every process: reduced
+                # Both the same on every process (reduced); a non-finite gradient with a finite
+                # loss (an overflow in the backward) would make every weight NaN.
+                grad_norm = clip_gradients(run) if torch.isfinite(loss) else float("nan")
+                skipped = not math.isfinite(grad_norm)
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
                 if skipped:
-                    log.warning("step %d: non-finite loss (%s), step skipped", step, loss.item())
+                    log.warning("step %d: non-finite %s, step skipped", step,
+                                f"gradient norm ({grad_norm})" if torch.isfinite(loss) else f"loss ({loss.item()})")
                     if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        raise Abort(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: training "
-                                    f"diverged; lower --learning-rate or check the data")
-                grad_norm = float("nan") if skipped else optimizer_step(run)
+                        raise Abort(f"{nonfinite_in_a_row} non-finite losses or gradient norms in a row at step "
+                                    f"{step}: training diverged; lower --learning-rate or check the data")
+                else:
+                    optimizer_step(run)
                 run.optimizer.zero_grad(set_to_none=True)
                 step, steps_this_run = step + 1, steps_this_run + 1
                 elapsed = time.perf_counter() - started
@@ -621,6 +676,9 @@ def train(c: TrainConfig) -> int:
                     checkpoint = checkpoints.save(accelerator, run.student, run.tokenizer, out, run_config_dict(c),
                                                   step, {**metrics, "heldout_kl_step0": totals["heldout_kl_step0"]})
                     log.info("saved %s", checkpoint)
+                    if c.save_total_limit and accelerator.is_main_process:
+                        for removed in checkpoints.rotate(out, c.save_total_limit, keep_also=run.resumed_from):
+                            log.info("removed %s (--save-total-limit %d)", removed, c.save_total_limit)
                 if signalled:
                     raise Interrupted(checkpoint)
                 if stop_now:
@@ -641,12 +699,27 @@ def train(c: TrainConfig) -> int:
         log.info("saved the start as %s", checkpoint)
     log.info("done: step %d, on-policy fraction %.2f", step, totals["on_policy_steps"] / step if step else 0)
     if c.do_eval and step >= c.max_steps and accelerator.is_main_process:
-        import shlex
-
-        import eval as evaluation
-
-        return evaluation.main([str(checkpoints.latest_checkpoint(out)), *shlex.split(c.eval_args)])
+        final = checkpoints.latest_checkpoint(out)
+        accelerator.free_memory()  # it holds the prepared student and optimizer
+        del run  # the teacher, the student, AdamW's state
+        return evaluate(final, c.eval_args)
     return 0
+
+
+def evaluate(checkpoint: Path, eval_args: str) -> int:
+    """eval.py on the final checkpoint, in a process of its own started once the training
+    state is freed: its models get the memory (and the device) to themselves."""
+    import gc
+    import shlex
+    import subprocess
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    command = [sys.executable, str(Path(__file__).resolve().with_name("eval.py")), str(checkpoint),
+               *shlex.split(eval_args)]
+    log.info("evaluating: %s", shlex.join(command))
+    return subprocess.run(command).returncode
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_models_are_moved_to_the_chosen_device_and_a_missing_gpu_is_one_line(tmp
     monkeypatch.setattr(evaluation, "choose_device", lambda requested, available: torch.device("cpu"))
     argv = [str(tiny_student), "--tasks", "", "--no-perplexity", "--output-dir", str(tmp_path / "eval")]
     assert evaluation.main(argv) == 0
-    assert moved.count(("LlamaForCausalLM", "cpu")) == 2  # the teacher and the student
+    assert moved.count(("LlamaForCausalLM", "cpu")) == 3  # the teacher, the ptq row and the student
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert evaluation.main([*argv, "--device", "cuda"]) == 2
@@ -231,3 +231,113 @@ def test_continuation_scoring_gives_stock_hflm_scores_and_skips_the_context_posi
     # Multiple-choice requests ran the head on fewer positions than their inputs have; wikitext's
     # rolling windows score every position.
     assert any(positions < length for length, positions in kept)
+
+
+def loads_no_model(monkeypatch):
+    import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(evaluation, "load_student", refuse)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "abc"], "argument --batch-size/--batch_size: must be a positive integer or 'auto', got 'abc'"),
+    (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--compare", "ptq", "chekpoint-9"], "--compare: no single row named 'chekpoint-9'; rows are teacher, ptq, "
+                                          "run/checkpoint-2"),
+    (["--model", "./no/such/teacher"], "model path './no/such/teacher' does not exist"),
+])
+def test_bad_input_is_one_line_before_any_model_loads_and_writes_nothing(tmp_path, tiny_student, monkeypatch, capsys,
+                                                                         extra, message):
+    loads_no_model(monkeypatch)
+    out = tmp_path / "eval"
+    assert evaluation.main([str(tiny_student), "--output-dir", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_bad_second_checkpoint_is_refused_before_any_model_loads(tmp_path, tiny_student, monkeypatch, capsys):
+    loads_no_model(monkeypatch)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    assert evaluation.main([str(tiny_student), str(tmp_path / "other")]) == 2
+    assert "has no quantization settings" in capsys.readouterr().err
+
+
+def test_students_are_loaded_one_at_a_time_and_freed_before_the_next(tmp_path, tiny_student, monkeypatch):
+    import shutil
+    import weakref
+
+    second = tmp_path / "run2" / "checkpoint-2"
+    shutil.copytree(tiny_student.parent, second.parent)
+    real, loaded = evaluation.load_student, []
+
+    def recording(checkpoint):
+        assert all(ref() is None for ref in loaded), "a student is still alive when the next one loads"
+        model, tokenizer, settings = real(checkpoint)
+        loaded.append(weakref.ref(model))
+        return model, tokenizer, settings
+
+    monkeypatch.setattr(evaluation, "load_student", recording)
+    assert evaluation.main([str(tiny_student), str(second), "--tasks", "", "--no-perplexity",
+                            "--output-dir", str(tmp_path / "eval")]) == 0
+    assert len(loaded) == 2
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "ptq", "run/checkpoint-2", "run2/checkpoint-2"]
+
+
+@pytest.mark.parametrize("quant_type", ["mxfp4", "int4"])
+def test_in_bfloat16_each_layer_holds_the_4bit_weight_quantized_from_the_float32_latent(tiny, quant_type):
+    import copy
+
+    from quant import FakeQuantLinear, fake_quantize, quantize_model
+
+    quantize_model(tiny, quant_type, 32 if quant_type == "int4" else None)
+    expected = {name: fake_quantize(m.weight.detach(), m.quant_type, m.group_size, m.scale_rule)
+                for name, m in tiny.named_modules() if isinstance(m, FakeQuantLinear)}
+    model = evaluation.on_device(copy.deepcopy(tiny), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    for name, weight in expected.items():
+        held = model.get_submodule(name).weight
+        if quant_type == "mxfp4":  # every MXFP4 value is a bfloat16
+            assert torch.equal(held.float(), weight)
+        else:
+            assert torch.equal(held, weight.to(torch.bfloat16))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), tiny(ids).logits, rtol=0.05, atol=0.05)
+
+
+def test_dtype_bfloat16_evaluates_every_row_in_bfloat16(tmp_path, tiny_student, monkeypatch):
+    real, dtypes = evaluation.evaluate_row, []
+
+    def recording(model, *args, **kwargs):
+        dtypes.append({p.dtype for p in model.parameters()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_row", recording)
+    assert evaluation.main([str(tiny_student), "--tasks", "", "--no-perplexity", "--dtype", "bfloat16",
+                            "--output-dir", str(tmp_path / "eval")]) == 0
+    assert dtypes == [{torch.bfloat16}] * 3  # teacher, ptq, student
+
+
+def test_a_crash_while_writing_the_row_cache_leaves_no_entry(tmp_path, monkeypatch):
+    real = Path.write_text
+
+    def torn(path, text, *args, **kwargs):
+        real(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="disk full"):
+        evaluation.cached_result("row", lambda: {"acc": 0.5, "items": [1, 0, 1]})
+    monkeypatch.undo()
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
+    assert evaluation.cached_result("row", lambda: {"acc": 0.25}) == {"acc": 0.25}  # computed, not a torn read
+    assert list((tmp_path / "cache" / "eval" / "rows").iterdir()) == [tmp_path / "cache" / "eval" / "rows" / "row.json"]

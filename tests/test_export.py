@@ -171,6 +171,24 @@ def test_unquantized_checkpoint_and_existing_output_are_refused(tmp_path, embedd
     assert sorted(os.listdir(tmp_path)) == ["existing", "student"]
 
 
+@pytest.mark.parametrize("export_format", ["gguf", "compressed-tensors"])
+def test_an_export_directory_given_as_the_checkpoint_is_one_line(tmp_path, embedded_tokenizer, capsys, export_format):
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "mxfp4")
+    assert export.main([str(checkpoint), "--format", export_format, "--out", str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    assert export.main([str(tmp_path / "exported"), "--format", "gguf", "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"is already an export ({export_format}); export takes a student checkpoint" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "again").exists()
+
+
+def test_out_holding_the_checkpoint_is_refused_even_with_overwrite(tmp_path, embedded_tokenizer, capsys):
+    checkpoint = make_student(tmp_path / "run" / "checkpoint-1", embedded_tokenizer, "llama", "mxfp4")
+    assert export.main([str(checkpoint), "--format", "gguf", "--out", str(tmp_path / "run"), "--overwrite"]) == 2
+    assert "holds the checkpoint being exported" in capsys.readouterr().err
+    assert (checkpoint / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_the_embedded_model_exports_to_both_formats_with_its_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM

@@ -51,6 +51,21 @@ def test_adapters_start_at_zero_so_the_student_starts_at_round_to_nearest(tiny):
     assert adapted and all(n.endswith(("q_proj", "v_proj")) for n in adapted)
 
 
+def test_under_bf16_autocast_the_layer_quantizes_the_merged_weight_the_checkpoint_holds(tiny):
+    from lora import merged_state_dict, merged_weight
+
+    quantize_model(tiny, "mxfp4")
+    add_lora(tiny, LoraSettings(r=4, alpha=8.0))
+    layer = tiny.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    state = {k: v.detach() for k, v in tiny.state_dict().items()}
+    saved = merged_state_dict(state, 2.0)["model.layers.0.mlp.up_proj.weight"]  # what the checkpoint holds
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --mixed-precision bf16
+        trained = merged_weight(layer)
+    assert trained.dtype == torch.float32 and torch.equal(trained.detach(), saved)
+
+
 def lora_run(tiny_checkpoint, chat_dataset, out, *extra):
     return tiny_args(tiny_checkpoint, chat_dataset, out, "--lmbda", "0", "--lora-r", "4", "--lora-alpha", "8",
                      "--learning-rate", "2e-2", *extra)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import checkpoints
 import sweep
 import train
 
+ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
@@ -183,3 +185,45 @@ def test_a_run_directory_with_another_configuration_is_refused(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert f"{existing} holds a run with a different configuration (beta)" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in root.iterdir()) == ["lmbda0_seed42"]
+
+
+def test_ctrl_c_reaches_the_run_and_the_sweep_waits_for_it_to_save(tmp_path):
+    # A stand-in launcher: it interrupts the sweep (its parent), as Ctrl-C would, then waits
+    # for the interrupt to be passed on to it and "saves" (writes a file) before exiting 130,
+    # as train.py does. subprocess.run would kill it 0.25 s after the interrupt, unsaved.
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(f"""import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+os.kill(os.getppid(), signal.SIGINT)
+signal.sigwait({{signal.SIGINT}})
+open({str(tmp_path / "saved")!r}, "w").write("checkpoint")
+sys.exit(130)
+""")
+    result = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "--grid", "lmbda=0", "--root", str(tmp_path / "s"),
+                             "--launcher", f"{sys.executable} {launcher}", "--", "--max-steps", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (tmp_path / "saved").read_text() == "checkpoint"
+    assert result.returncode == 130
+    assert "error: run lmbda0_seed42 exited with 130; rerun the same sweep command to resume it" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_grid_value_with_a_slash_names_a_flat_run_directory(tmp_path, chat_dataset):
+    other = tmp_path / "other" / chat_dataset.name
+    other.parent.mkdir()
+    other.write_text(chat_dataset.read_text())
+    runs = sweep.plan_runs({"dataset": [str(chat_dataset), str(other)]}, 1, ["--max-steps", "1"], tmp_path / "root")
+    assert [r["output_dir"].parent for r in runs] == [tmp_path / "root"] * 2
+    assert len({r["name"] for r in runs}) == 2 and not any("/" in r["name"] for r in runs)
+    with pytest.raises(sweep.SweepError, match="would both be named"):
+        sweep.plan_runs({"dataset": ["a/b", "a_b"]}, 1, ["--max-steps", "1"], tmp_path / "root")
+
+
+def test_changed_eval_flags_re_evaluate_a_finished_run(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    root = tmp_path / "sweep"
+    common = ["--grid", "lmbda=0", "--root", str(root), "--launcher", sys.executable]
+    flags = ["--", *train_flags(tiny_checkpoint, chat_dataset, "--max-steps", "1")]
+    assert sweep.main([*common, "--eval", "--tasks '' --no-perplexity --embedded --limit 2", *flags]) == 0
+    assert sweep.main([*common, "--eval", "--tasks '' --no-perplexity --embedded --limit 3", *flags]) == 0
+    result = results_in(root / "results")["lmbda0_seed42"]
+    assert result["eval"]["limit"] == 3 and result["commands"]["eval"].endswith("--limit 3")

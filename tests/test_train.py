@@ -58,6 +58,11 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--rollout-dtype", "float16"], "--rollout-dtype must be float32 or bfloat16"),
     (["--mixed-precision", "fp16"], "--mixed-precision must be no or bf16"),
     (["--quant-type", "int4_sym", "--scale-rule", "mse"], "--scale-rule mse chooses MXFP4 block exponents"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+    (["--lora-alpha=-inf"], "--lora-alpha must be a finite number, got -inf"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -65,6 +70,45 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('max_steps = "100"', "max_steps must be an integer, got '100'"),
+    ("lmbda = true", "lmbda must be a number, got True"),
+    ("seq-kd = 1", "seq_kd must be true or false, got 1"),
+    ("quant_type = 4", "quant_type must be a quoted string, got 4"),
+    ("group_size = 32.0", "group_size must be an integer, got 32.0"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, line, message):
+    config = tmp_path / "run.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(train.Abort, match=f"^{config}: {message}$"):
+        train.parse_config(["--config", str(config)])
+
+
+def test_a_config_file_of_the_wrong_type_exits_with_one_line_and_writes_nothing(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('max_steps = "100"\n')
+    assert train.main(["--config", str(config), "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_steps must be an integer" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_integer_in_the_config_file_is_a_float_where_one_is_expected(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("learning_rate = 1\nlmbda = 0\n")
+    c = train.parse_config(["--config", str(config)])
+    assert (c.learning_rate, c.lmbda) == (1.0, 0.0) and isinstance(c.lmbda, float)
+
+
+def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as configs/accelerate_fsdp.yaml sets it
+    assert train.main(["--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("the launcher's mixed_precision is bf16 (accelerate config or --mixed_precision) but train.py's "
+            "--mixed-precision is no" in err and len(err.splitlines()) == 1)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
@@ -162,6 +206,66 @@ def test_existing_output_dir_is_refused_unless_resume_or_overwrite(tmp_path, tin
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--overwrite")) == 0
 
 
+def test_resume_with_overwrite_is_refused_and_the_run_is_kept(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1")) == 0
+    before = weights(out / "checkpoint-1")
+    capsys.readouterr()
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--resume",
+                                "--overwrite")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume continues the run in --output_dir and --overwrite deletes it" in err
+    assert len(err.splitlines()) == 1
+    assert checkpoints.latest_checkpoint(out) == out / "checkpoint-1"
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in output_dir.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_save_total_limit_keeps_the_last_checkpoints_and_the_one_resumed_from(tmp_path, tiny_checkpoint,
+                                                                              chat_dataset):
+    out = tmp_path / "run"
+    common = ("--save-steps", "1", "--save-total-limit", "1", "--lmbda", "0")
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, *common, "--max-steps", "4",
+                                "--stop-after", "2")) == 0
+    assert checkpoint_steps(out) == [2]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing half-removed
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, *common, "--max-steps", "4", "--resume")) == 0
+    assert checkpoint_steps(out) == [2, 4]  # 3 rotated away; 2 is where this invocation started
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--save-steps", "1", "--save-total-limit", "2",
+                                "--lmbda", "0", "--max-steps", "4", "--resume")) == 0  # already done: nothing saved
+    assert checkpoint_steps(out) == [2, 4]
+
+
+def test_bad_eval_args_are_refused_at_start_up_and_nothing_is_written(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--do-eval",
+                                "--eval-args", "--batch-size abc")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eval-args '--batch-size abc': argument --batch-size/--batch_size: must be a positive integer" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--do-eval", "--eval-args", "--tasks 'arc")) == 2
+    assert "--eval-args \"--tasks 'arc\": No closing quotation" in capsys.readouterr().err
+
+
+def test_do_eval_evaluates_the_final_checkpoint_in_a_process_of_its_own(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                       monkeypatch):
+    import eval as evaluation
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("eval.py ran inside the training process")
+
+    monkeypatch.setattr(evaluation, "main", in_this_process)
+    monkeypatch.setenv("QAKD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", "--do-eval",
+                                "--eval-args", "--tasks '' --no-perplexity")) == 0
+    rows = json.loads((out / "eval" / "results.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "ptq", "run/checkpoint-1"]
+
+
 def test_eval_steps_write_a_learning_curve_that_ends_at_eval_py_value(tmp_path, tiny_checkpoint, chat_dataset,
                                                                       monkeypatch):
     import eval as evaluation
@@ -237,7 +341,58 @@ def test_non_finite_losses_skip_steps_then_abort(tmp_path, tiny_checkpoint, chat
                         student_hidden.sum() * float("nan"))
     out = tmp_path / "run"
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5")) == 2
-    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    assert "3 non-finite losses or gradient norms in a row" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-*"))
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity forward, a NaN gradient backward: a finite loss whose gradient overflowed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def nan_gradients_on_steps(monkeypatch, steps: set[int]):
+    """The fused loss of the given (0-based) steps gets a NaN gradient; its value is unchanged."""
+    import losses
+
+    real, calls = losses.fused_linear_jsd_loss, []
+
+    def patched(student_hidden, *args, **kwargs):
+        calls.append(1)
+        if len(calls) - 1 in steps:
+            student_hidden = NanGradient.apply(student_hidden)
+        return real(student_hidden, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "fused_linear_jsd_loss", patched)
+
+
+def test_a_non_finite_gradient_norm_skips_the_step_like_a_non_finite_loss(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                         monkeypatch):
+    nan_gradients_on_steps(monkeypatch, {0})
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0",
+                                "--warmup-ratio", "0")) == 0
+    rows = metrics(out)
+    assert [r.get("skipped", False) for r in rows] == [True, False]
+    assert rows[0]["loss"] > 0 and rows[0]["grad_norm"] != rows[0]["grad_norm"]  # finite loss, NaN norm
+    saved = weights(out / "checkpoint-2")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    teacher = weights(tiny_checkpoint)
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_non_finite_gradient_norms_in_a_row_abort_with_nothing_saved(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                     monkeypatch, capsys):
+    nan_gradients_on_steps(monkeypatch, {0, 1, 2})
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "5", "--lmbda", "0")) == 2
+    assert "3 non-finite losses or gradient norms in a row at step 2" in capsys.readouterr().err
     assert not list(out.glob("checkpoint-*"))
 
 
@@ -259,6 +414,69 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, ti
     assert not (out / "checkpoint-2").exists()
     assert checkpoints.latest_checkpoint(out) == out / "checkpoint-1"
     assert all(torch.equal(before[k], v) for k, v in weights(out / "checkpoint-1").items())
+
+
+def test_heldout_kl_runs_as_many_student_forwards_on_every_process_and_the_sums_are_unchanged():
+    # 38 held-out examples on 8 processes: shares of 5 and 4, i.e. 2 or 1 batches of 4. Under
+    # FSDP each forward all-gathers weights, so a process running fewer leaves the others hung.
+    from types import SimpleNamespace
+
+    from conftest import tiny_model
+    from data import Example
+    from quant import quantize_model
+
+    generator = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(1, 128, (3 + i % 5,), generator=generator).tolist(),
+                        torch.randint(1, 128, (2 + i % 3,), generator=generator).tolist()) for i in range(38)]
+    teacher, student = tiny_model("llama"), tiny_model("llama")
+    quantize_model(student, "int4", 32)
+    forwards = []
+    student.register_forward_hook(lambda *args: forwards.append(1))
+
+    def heldout(world, rank):
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu"),
+                                      reduce=lambda tensor, reduction: tensor)  # this process's sums alone
+        run = SimpleNamespace(accelerator=accelerator, student_model=student, teacher=teacher, eval_examples=examples,
+                              tokenizer=SimpleNamespace(pad_token_id=0), c=SimpleNamespace(max_length=64),
+                              totals={"heldout_kl_step0": None})
+        forwards.clear()
+        kl = train.heldout_kl(run)["heldout_kl"]
+        return len(forwards), kl
+
+    per_rank = [heldout(8, rank) for rank in range(8)]
+    assert [count for count, _ in per_rank] == [2] * 8
+    assert heldout(1, 0)[0] == 10  # one process alone: 38 examples, batches of 4
+    # the filler forwards add nothing: the shares' KL sums add up to one process's
+    from eval import heldout_kl_sums
+
+    sums = [heldout_kl_sums(teacher, student, examples[rank::8], 0, 64, forward_batches=2, filler=examples[0])
+            for rank in range(8)]
+    whole = heldout_kl_sums(teacher, student, examples, 0, 64)
+    assert sum(t for _, t in sums) == whole[1]
+    assert sum(k for k, _ in sums) == pytest.approx(whole[0], rel=1e-5)
+
+
+def test_every_process_joins_the_collectives_of_a_save_and_only_the_main_one_writes(tmp_path):
+    # Under FSDP, gathering the full state dict is a collective: a process that skips it
+    # leaves the others waiting forever at the first checkpoint.
+    calls = []
+
+    class AnotherProcess:
+        is_main_process = False
+
+        def wait_for_everyone(self):
+            calls.append("wait")
+
+        def save_state(self, directory):
+            calls.append("save_state")
+
+        def get_state_dict(self, model):
+            calls.append("get_state_dict")
+            return {}
+
+    checkpoints.save(AnotherProcess(), torch.nn.Linear(2, 2), None, tmp_path, {}, 1, {})
+    assert calls == ["wait", "save_state", "get_state_dict", "wait"]
+    assert not list(tmp_path.iterdir())
 
 
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, tiny_checkpoint, chat_dataset):
@@ -436,6 +654,60 @@ dist.destroy_process_group()
     for rank, row in rows.items():
         assert row["sharded"] == row["alone"]
         assert max(map(len, row["sharded"])) == (2 if rank == 0 else 6)
+
+
+# configs/accelerate_fsdp.yaml's FSDP settings, as `accelerate launch --config_file` exports them.
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_OFFLOAD_PARAMS": "false", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+def fsdp_train(*args) -> str:
+    """train.py sharded by FSDP2 over two gloo CPU processes (tests/fsdp_on_cpu.py); its log.
+    A collective that only some processes join hangs: the timeout fails the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **FSDP_ENV}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "tests" / "fsdp_on_cpu.py"), *args],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_fsdp2_on_two_processes_saves_resumes_and_evaluates_like_one_process(tmp_path, tiny_checkpoint,
+                                                                           chat_dataset):
+    # 9 held-out examples: shares of 5 and 4, two forward batches of 4 on one process and one on
+    # the other unless the shorter share is padded. Seed 5: step 1 of 3 is on-policy.
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(chat_dataset.read_text().splitlines(keepends=True)[:9]))
+    common = ("--max-steps", "3", "--lmbda", "0.5", "--seed", "5", "--eval-steps", "1", "--eval-dataset", str(heldout))
+    straight, split, alone = tmp_path / "straight", tmp_path / "split", tmp_path / "alone"
+    log = fsdp_train(*tiny_args(tiny_checkpoint, chat_dataset, straight, *common))
+    assert "FSDP Model saved" in log  # accelerate's FSDP save path, not DDP's
+    fsdp_train(*tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--stop-after", "1"))
+    assert "resumed from" in fsdp_train(*tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--resume"))
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, alone, *common, "--gradient-accumulation-steps",
+                                "2")) == 0
+
+    assert [r["on_policy"] for r in metrics(straight)[1:]] == [False, True, False]
+    assert ["heldout_kl" in r for r in metrics(straight)] == [True] * 4
+    # the checkpoint is the whole student (gathered, not a shard), trained
+    saved, teacher = weights(straight / "checkpoint-3"), weights(tiny_checkpoint)
+    assert all(saved[k].shape == t.shape for k, t in teacher.items())
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+    # resumed from FSDP's sharded state: the same weights and curve as the uninterrupted run
+    resumed = weights(split / "checkpoint-3")
+    assert resumed.keys() == saved.keys() and all(torch.equal(resumed[k], saved[k]) for k in saved)
+    assert [r.get("loss") for r in metrics(split)] == [r.get("loss") for r in metrics(straight)]
+    assert [r.get("heldout_kl") for r in metrics(split)] == [r.get("heldout_kl") for r in metrics(straight)]
+    # and what one unsharded process computes with the same examples per step
+    assert len(metrics(alone)) == 4
+    for sharded, single in zip(metrics(straight), metrics(alone)):
+        assert sharded["heldout_kl"] == pytest.approx(single["heldout_kl"], rel=1e-4)
+        if sharded["step"]:
+            assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    final = weights(alone / "checkpoint-3")
+    for k, t in final.items():
+        torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("rollout_dtype", ["float32", "bfloat16"])
