@@ -668,7 +668,10 @@ def choose_device(requested: str | None, cuda_available: bool) -> torch.device:
     the precision the student trained in."""
     if requested is None:
         return torch.device("cuda" if cuda_available else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise EvalError(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not cuda_available:
         raise EvalError(f"--device {requested}: no CUDA device is visible here; use --device cpu")
     return device

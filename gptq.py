@@ -249,8 +249,8 @@ def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
                 linear.weight.copy_(gptq_quantize(linear.weight, hessians[linear], linear.quant_type,
                                                   linear.group_size, linear.scale_rule, damping, block_size)[0])
             with frozen_quant(layer):  # quantize each weight once, not once a batch
-                inputs = [(_output(layer(hidden.to(device), *args, **kwargs)).cpu(), args, kwargs)
-                          for hidden, args, kwargs in inputs]
+                for i, (hidden, args, kwargs) in enumerate(inputs):  # in place: one copy of the set
+                    inputs[i] = (_output(layer(hidden.to(device), *args, **kwargs)).cpu(), args, kwargs)
             log.info("gptq: decoder layer %d of %d (%.0f s)", index + 1, len(layers), time.perf_counter() - started)
     model.train(was_training)
     return {"layers": len(quantized), "calibration_tokens": tokens, "seconds": time.perf_counter() - started}

@@ -483,12 +483,18 @@ def _needs_eval(output_dir: Path, eval_flags: str) -> bool:
             or not recorded.exists() or json.loads(recorded.read_text()) != eval_flags)
 
 
+LAUNCHER_SHUTDOWN_S = 3600  # what a run gets to finish its step and save after a signal
+
+
 def run_to_the_end(command: list[str]) -> int:
     """Run a child in its own process group and wait for it, whatever signals arrive.
-    SIGINT and SIGTERM are passed to the whole group (a launcher and its workers, as a
-    terminal's Ctrl-C would) and the child is waited for, so train.py finishes its step and
-    saves; subprocess.run would kill it 0.25 s after an interrupt, or orphan a launcher."""
-    child = subprocess.Popen(command, start_new_session=True)
+    SIGINT, SIGTERM and SIGHUP (a closed terminal) are passed to the whole group (a launcher
+    and its workers, as a terminal's Ctrl-C would) and the child is waited for, so train.py
+    finishes its step and saves; subprocess.run would kill it 0.25 s after an interrupt, or
+    orphan a launcher. torch's launcher kills its workers 30 s after a signal unless
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise: a sharded save can take longer."""
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(LAUNCHER_SHUTDOWN_S), **os.environ}
+    child = subprocess.Popen(command, start_new_session=True, env=env)
 
     def forward(signum, frame):
         log.warning("signal %d: passed to %s, waiting for it to stop", signum, Path(command[0]).name)
@@ -497,7 +503,7 @@ def run_to_the_end(command: list[str]) -> int:
         except ProcessLookupError:  # it has just ended
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return child.wait()
     finally:

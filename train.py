@@ -392,6 +392,10 @@ def set_up(c: TrainConfig) -> Run:
     from eval import heldout_examples
     from losses import DistillationLoss
 
+    if c.mixed_precision == "bf16" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise Abort("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
+                    "themselves, so the quantizer would train on bf16-rounded weights and the checkpoint would hold "
+                    "another function; run FSDP with --mixed-precision no (mixed_precision: 'no' in its config)")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
     if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's
         raise Abort(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or --mixed_precision) "
@@ -404,7 +408,9 @@ def set_up(c: TrainConfig) -> Run:
         torch.manual_seed(c.seed)
         teacher, student, tokenizer = load_teacher_and_student(c)
         records = load_records(c.dataset, c.dataset_split)
-        if c.init == "gptq" and resume_from is None:  # a resumed run's weights come from its checkpoint
+        # A resumed run's weights come from its checkpoint, except a LoRA run's frozen base,
+        # which its checkpoint does not hold: that is rebuilt as it started.
+        if c.init == "gptq" and (resume_from is None or c.lora_r):
             gptq_start(student, tokenizer, records, c, accelerator)
         need_completions = c.lmbda < 1 and not c.seq_kd
         examples = examples_in_use_order(records, tokenizer, c.max_length,
@@ -693,7 +699,7 @@ def train(c: TrainConfig) -> int:
             metrics_file.close()
         if c.log_with != "none":
             accelerator.end_training()
-    if c.max_steps == 0 and step == 0:  # only the start was asked for
+    if c.max_steps == 0 and run.start_step == 0 and checkpoints.latest_checkpoint(out) is None:  # only the start
         checkpoint = checkpoints.save(accelerator, run.student, run.tokenizer, out, run_config_dict(c), 0,
                                       {"step": 0, "train_s": 0.0, "heldout_kl_step0": totals["heldout_kl_step0"]})
         log.info("saved the start as %s", checkpoint)
@@ -701,6 +707,11 @@ def train(c: TrainConfig) -> int:
     if c.do_eval and step >= c.max_steps and accelerator.is_main_process:
         final = checkpoints.latest_checkpoint(out)
         accelerator.free_memory()  # it holds the prepared student and optimizer
+        # The scheduler registered for checkpointing holds the optimizer, and the checkpoint
+        # hooks hold the student: let go of both, or eval.py shares the device with them.
+        accelerator._custom_objects.clear()
+        accelerator._save_model_state_pre_hook.clear()
+        accelerator._load_model_state_pre_hook.clear()
         del run  # the teacher, the student, AdamW's state
         return evaluate(final, c.eval_args)
     return 0

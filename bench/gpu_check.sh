@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the CPU suite cannot check: configs/accelerate_fsdp.yaml on 2+ GPUs (FSDP2 over NCCL,
-# bf16 autocast) running train.py's save, --resume and --eval-steps, then eval.py on the
+# float32) running train.py's save, --resume and --eval-steps, then eval.py on the
 # result. tests/test_train.py runs the same code paths sharded over two gloo CPU processes
 # (tests/fsdp_on_cpu.py); this runs them as users will. The embedded SmolLM2-135M and data,
 # offline; a few minutes.
@@ -45,7 +45,7 @@ launch() {
     # shellcheck disable=SC2086  # LAUNCH is a command line
     timeout "$LIMIT" $LAUNCH --max-steps 4 --save-steps 2 --eval-steps 2 --eval-dataset "$OUT/heldout.jsonl" --lmbda 0.5 \
         --seed 5 --batch-size 2 --max-new-tokens 32 --max-length 256 --quant-type mxfp4 \
-        --mixed-precision bf16 --teacher-dtype bfloat16 "${EXTRA_FLAGS[@]}" "$@"
+        --teacher-dtype bfloat16 "${EXTRA_FLAGS[@]}" "$@"
 }
 
 echo "== FSDP on $GPUS GPUs: 4 steps, checkpoints at 2 and 4, held-out KL at 0, 2, 4 =="

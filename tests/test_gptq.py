@@ -204,3 +204,25 @@ def test_gptq_needs_completions_to_calibrate_on(tmp_path, tiny_checkpoint, capsy
     assert train.main(gptq_args(tiny_checkpoint, prompts, out, "--max-steps", "1", "--lmbda", "1")) == 2
     assert_one_error_line(capsys, "--init gptq calibrates on prompts with their completions")
     assert not out.exists()
+
+
+def test_a_lora_run_from_gptq_resumes_on_the_same_frozen_base(tmp_path, tiny_checkpoint, chat_dataset):
+    from test_train import weights
+
+    common = ("--max-steps", "3", "--lora-r", "4", "--init-samples", "8")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, straight, *common)) == 0
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, split, *common, "--stop-after", "1")) == 0
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, split, *common, "--resume")) == 0
+    a, b = weights(straight / "checkpoint-3"), weights(split / "checkpoint-3")  # merged: base + adapters
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_the_saved_start_with_max_steps_zero_leaves_it_untouched(tmp_path, tiny_checkpoint, chat_dataset):
+    out = tmp_path / "run"
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--init-samples", "8")) == 0
+    saved = (out / "checkpoint-0" / "model.safetensors").stat()
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--init-samples", "8",
+                                "--resume")) == 0
+    again = (out / "checkpoint-0" / "model.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)

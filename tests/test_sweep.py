@@ -187,22 +187,24 @@ def test_a_run_directory_with_another_configuration_is_refused(tmp_path, capsys)
     assert sorted(p.name for p in root.iterdir()) == ["lmbda0_seed42"]
 
 
-def test_ctrl_c_reaches_the_run_and_the_sweep_waits_for_it_to_save(tmp_path):
-    # A stand-in launcher: it interrupts the sweep (its parent), as Ctrl-C would, then waits
-    # for the interrupt to be passed on to it and "saves" (writes a file) before exiting 130,
-    # as train.py does. subprocess.run would kill it 0.25 s after the interrupt, unsaved.
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGHUP"])
+def test_ctrl_c_reaches_the_run_and_the_sweep_waits_for_it_to_save(tmp_path, signal_name):
+    # A stand-in launcher: it signals the sweep (its parent), as Ctrl-C or a closed terminal
+    # would, then waits for the signal to be passed on to it and "saves" (writes a file, with
+    # the time torch's launcher would give its workers) before exiting 130, as train.py does.
+    # subprocess.run would kill it 0.25 s after the interrupt, unsaved.
     launcher = tmp_path / "launcher.py"
     launcher.write_text(f"""import os, signal, sys
-signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
-os.kill(os.getppid(), signal.SIGINT)
-signal.sigwait({{signal.SIGINT}})
-open({str(tmp_path / "saved")!r}, "w").write("checkpoint")
+signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.{signal_name}}})
+os.kill(os.getppid(), signal.{signal_name})
+signal.sigwait({{signal.{signal_name}}})
+open({str(tmp_path / "saved")!r}, "w").write(os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
 sys.exit(130)
 """)
     result = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "--grid", "lmbda=0", "--root", str(tmp_path / "s"),
                              "--launcher", f"{sys.executable} {launcher}", "--", "--max-steps", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (tmp_path / "saved").read_text() == "checkpoint"
+    assert (tmp_path / "saved").read_text() == str(sweep.LAUNCHER_SHUTDOWN_S)
     assert result.returncode == 130
     assert "error: run lmbda0_seed42 exited with 130; rerun the same sweep command to resume it" in result.stderr
     assert "Traceback" not in result.stderr

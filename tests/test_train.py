@@ -103,7 +103,7 @@ def test_an_integer_in_the_config_file_is_a_float_where_one_is_expected(tmp_path
 
 
 def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as configs/accelerate_fsdp.yaml sets it
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # an accelerate config that asks for bf16
     assert train.main(["--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert ("the launcher's mixed_precision is bf16 (accelerate config or --mixed_precision) but train.py's "
@@ -291,6 +291,16 @@ def test_eval_steps_write_a_learning_curve_that_ends_at_eval_py_value(tmp_path, 
     assert evaluated["run/checkpoint-3"]["embedded"]["heldout_kl"] == pytest.approx(rows[3]["heldout_kl"], rel=1e-6)
     assert evaluated["ptq"]["embedded"]["heldout_kl"] == pytest.approx(rows[0]["heldout_kl"], rel=1e-6)
     assert evaluated["teacher"]["embedded"]["heldout_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bf16_under_fsdp_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
+                                                                capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--mixed-precision", "bf16")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--mixed-precision bf16 under FSDP" in err and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 def test_resume_after_a_stop_gives_the_same_final_weights(tmp_path, tiny_checkpoint, chat_dataset):
