@@ -268,7 +268,8 @@ EXPORT_KEY = "qakd_quantization"  # export.py's record of the student's settings
 
 def load_student(checkpoint: Path):
     """A saved student rebuilt with its recorded quantization (what deploys), or a
-    compressed-tensors export of one, loaded as it ships."""
+    compressed-tensors export of one, loaded as it ships; also a compressed-tensors
+    checkpoint another tool wrote (llm-compressor's baselines), its settings read off its scheme."""
     from models import load_model
     from quant import CONFIG_KEY, quantize_model_from_settings
 
@@ -286,12 +287,16 @@ def load_student(checkpoint: Path):
         raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
                         f"or a run directory that holds one")
     config = json.loads((checkpoint / "config.json").read_text())
-    if EXPORT_KEY in config:  # export.py's compressed-tensors directory: the 4-bit weights as they ship
+    foreign = EXPORT_KEY not in config and not config.get(CONFIG_KEY) and "quantization_config" in config
+    if EXPORT_KEY in config or foreign:  # a compressed-tensors directory: the 4-bit weights as they ship
         from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
+        # export.py records the student's settings; another tool's (llm-compressor) are read off its scheme
+        settings = compressed_tensors_settings(config["quantization_config"], checkpoint) if foreign \
+            else config[EXPORT_KEY]
         model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
             checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-        return model.eval(), AutoTokenizer.from_pretrained(checkpoint), config[EXPORT_KEY]
+        return model.eval(), AutoTokenizer.from_pretrained(checkpoint), settings
     settings = config.get(CONFIG_KEY)
     if not settings:
         raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
@@ -299,6 +304,48 @@ def load_student(checkpoint: Path):
     model, tokenizer = load_model(checkpoint)
     quantize_model_from_settings(model, settings)
     return model.eval(), tokenizer, settings
+
+
+def compressed_tensors_settings(quantization: dict, checkpoint: Path) -> dict:
+    """Our settings for a compressed-tensors checkpoint another tool wrote (llm-compressor):
+    they name its row's format and build its ``ptq`` row. Only what our students can be is
+    taken: 4-bit weight-only, symmetric, group-wise INT (``int4_sym``) or MXFP4, one scheme for
+    every quantized layer, skipped layers by name; anything else is refused in one line."""
+    def refuse(why: str):
+        raise EvalError(f"{checkpoint}: its compressed-tensors quantization {why}; it has no qakd equivalent "
+                        f"(4-bit weight-only, symmetric, group-wise int4_sym or mxfp4)")
+
+    if quantization.get("quant_method") != "compressed-tensors":
+        refuse(f"method is {quantization.get('quant_method')!r}, not compressed-tensors")
+    if quantization.get("kv_cache_scheme") or quantization.get("sparsity_config") or \
+            quantization.get("transform_config"):
+        refuse("has a KV-cache scheme, sparsity or transforms")
+    found = set()
+    for group in (quantization.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        if group.get("input_activations") or group.get("output_activations"):
+            refuse("quantizes activations")
+        if any(str(t).startswith("re:") for t in group.get("targets", [])):
+            refuse(f"targets layers by pattern ({group['targets']})")
+        if (weights.get("num_bits"), weights.get("strategy")) != (4, "group") or not weights.get("symmetric"):
+            refuse(f"is {weights.get('num_bits')}-bit {weights.get('strategy')}-wise"
+                   f"{'' if weights.get('symmetric') else ' asymmetric'}")
+        if weights.get("type") == "int":
+            found.add(("int4_sym", weights.get("group_size")))
+        elif weights.get("type") == "float" and weights.get("group_size") == 32 and \
+                "uint8" in str(weights.get("scale_dtype")):
+            found.add(("mxfp4", None))
+        else:
+            refuse(f"is a 4-bit {weights.get('type')} format with groups of {weights.get('group_size')} and "
+                   f"{weights.get('scale_dtype')} scales")
+    if len(found) != 1:
+        refuse("uses no scheme or several" if not found else f"mixes schemes {sorted(map(str, found))}")
+    ignore = quantization.get("ignore") or []
+    if any(str(name).startswith("re:") for name in ignore):
+        refuse(f"skips layers by pattern ({ignore})")
+    (quant_type, group_size), = found
+    # MXFP4 scales were chosen by the tool; the ptq row rounds with the spec's floor rule
+    return {"quant_type": quant_type, "group_size": group_size, "scale_rule": "floor", "skip": list(ignore)}
 
 
 def resolve_checkpoint(path: str) -> Path:
