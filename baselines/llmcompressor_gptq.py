@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         from llmcompressor import oneshot
     except ImportError:
         return fail("llm-compressor is not installed in this environment; run this script as `uv run --project "
-                    "baselines python baselines/llmcompressor_gptq.py ...` (its own environment, see baselines/README.md)")
+                    "baselines python baselines/llmcompressor_gptq.py ...` (its own environment: baselines/README.md)")
     import compressed_tensors
     import torch
     import transformers
@@ -135,7 +135,8 @@ def main(argv=None) -> int:
             "calibration": {"dataset": "assets/instructions/train.jsonl", "sequences": len(lengths),
                             "max_length": args.max_length, "tokens": sum(lengths)},
             "seconds": round(seconds, 1), "device": str(next(model.parameters()).device),
-            "versions": {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,
+            "versions": {"llmcompressor": llmcompressor.__version__,
+                         "compressed-tensors": compressed_tensors.__version__,
                          "transformers": transformers.__version__, "torch": torch.__version__}}, indent=1) + "\n")
         staging.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         if out.exists():
