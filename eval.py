@@ -287,15 +287,25 @@ def student_settings(checkpoint: Path) -> dict:
     config = json.loads((checkpoint / "config.json").read_text())
     if EXPORT_KEY in config:
         return config[EXPORT_KEY]
+    if is_foreign_compressed_tensors(config):  # another tool's (llm-compressor): read off its scheme
+        return compressed_tensors_settings(config["quantization_config"], checkpoint)
     if not config.get(CONFIG_KEY):
         raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
                         f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
     return config[CONFIG_KEY]
 
 
+def is_foreign_compressed_tensors(config: dict) -> bool:
+    """A compressed-tensors checkpoint that another tool (llm-compressor) wrote."""
+    from quant import CONFIG_KEY
+
+    return EXPORT_KEY not in config and not config.get(CONFIG_KEY) and "quantization_config" in config
+
+
 def load_student(checkpoint: Path):
     """A saved student rebuilt with its recorded quantization (what deploys), or a
-    compressed-tensors export of one, loaded as it ships."""
+    compressed-tensors export of one, loaded as it ships; also a compressed-tensors
+    checkpoint another tool wrote (llm-compressor's baselines), its settings read off its scheme."""
     from models import load_model
     from quant import quantize_model_from_settings
 
@@ -306,8 +316,9 @@ def load_student(checkpoint: Path):
         # export.py's GGUF directory: transformers dequantizes it (gguf-py) to float32
         model, tokenizer = load_model(checkpoint / GGUF_FILE)
         return model.eval(), tokenizer, settings
-    if EXPORT_KEY in json.loads((checkpoint / "config.json").read_text()):
-        # export.py's compressed-tensors directory: the 4-bit weights as they ship
+    config = json.loads((checkpoint / "config.json").read_text())
+    if EXPORT_KEY in config or is_foreign_compressed_tensors(config):
+        # a compressed-tensors directory (export.py's or another tool's): the 4-bit weights as they ship
         from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
         model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
@@ -346,6 +357,48 @@ def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def compressed_tensors_settings(quantization: dict, checkpoint: Path) -> dict:
+    """Our settings for a compressed-tensors checkpoint another tool wrote (llm-compressor):
+    they name its row's format and build its ``ptq`` row. Only what our students can be is
+    taken: 4-bit weight-only, symmetric, group-wise INT (``int4_sym``) or MXFP4, one scheme for
+    every quantized layer, skipped layers by name; anything else is refused in one line."""
+    def refuse(why: str):
+        raise EvalError(f"{checkpoint}: its compressed-tensors quantization {why}; it has no qakd equivalent "
+                        f"(4-bit weight-only, symmetric, group-wise int4_sym or mxfp4)")
+
+    if quantization.get("quant_method") != "compressed-tensors":
+        refuse(f"method is {quantization.get('quant_method')!r}, not compressed-tensors")
+    if quantization.get("kv_cache_scheme") or quantization.get("sparsity_config") or \
+            quantization.get("transform_config"):
+        refuse("has a KV-cache scheme, sparsity or transforms")
+    found = set()
+    for group in (quantization.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        if group.get("input_activations") or group.get("output_activations"):
+            refuse("quantizes activations")
+        if any(str(t).startswith("re:") for t in group.get("targets", [])):
+            refuse(f"targets layers by pattern ({group['targets']})")
+        if (weights.get("num_bits"), weights.get("strategy")) != (4, "group") or not weights.get("symmetric"):
+            refuse(f"is {weights.get('num_bits')}-bit {weights.get('strategy')}-wise"
+                   f"{'' if weights.get('symmetric') else ' asymmetric'}")
+        if weights.get("type") == "int":
+            found.add(("int4_sym", weights.get("group_size")))
+        elif weights.get("type") == "float" and weights.get("group_size") == 32 and \
+                "uint8" in str(weights.get("scale_dtype")):
+            found.add(("mxfp4", None))
+        else:
+            refuse(f"is a 4-bit {weights.get('type')} format with groups of {weights.get('group_size')} and "
+                   f"{weights.get('scale_dtype')} scales")
+    if len(found) != 1:
+        refuse("uses no scheme or several" if not found else f"mixes schemes {sorted(map(str, found))}")
+    ignore = quantization.get("ignore") or []
+    if any(str(name).startswith("re:") for name in ignore):
+        refuse(f"skips layers by pattern ({ignore})")
+    (quant_type, group_size), = found
+    # MXFP4 scales were chosen by the tool; the ptq row rounds with the spec's floor rule
+    return {"quant_type": quant_type, "group_size": group_size, "scale_rule": "floor", "skip": list(ignore)}
 
 
 def resolve_checkpoint(path: str) -> Path:
