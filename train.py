@@ -307,6 +307,9 @@ def prepare_student(student, c: TrainConfig) -> None:
                  settings.scale)
 
 
+GPTQ_BATCH_SIZE = 8  # calibration sequences per forward
+
+
 def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None:
     """In place: the student's latent weights from GPTQ onto its own grids (gptq.py),
     calibrated on ``--init-samples`` of the dataset's prompts with their completions.
@@ -339,8 +342,6 @@ def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None
     log.info("--init gptq: %d layers from %d sequences (%d tokens) in %.0f s", summary["layers"], len(chosen),
              summary["calibration_tokens"], summary["seconds"])
 
-
-GPTQ_BATCH_SIZE = 8  # calibration sequences per forward
 
 
 # ---------------------------------------------------------------- the run
