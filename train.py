@@ -343,7 +343,6 @@ def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None
              summary["calibration_tokens"], summary["seconds"])
 
 
-
 # ---------------------------------------------------------------- the run
 
 class Interrupted(Exception):
