@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, frozen_quant
+from quant import FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, fake_quantize, frozen_quant
 
 log = logging.getLogger("gptq")
 
@@ -66,7 +66,7 @@ class GroupGrid:
         if quant_type == "int4_sym":
             amax = group.abs().amax(1)
             self.amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-            self.scale = self.amax / 7.5
+            self.scale = amax / 7.5  # an all-zero group's grid holds only 0, as the student's does
             where = group.abs().argmax(1)
             extreme = torch.where(group[rows, where] > 0, 15.0, 0.0).to(group.dtype)  # +7 or -8
             self.pinned[rows, where] = torch.where(amax > 0, extreme, float("nan"))
@@ -104,35 +104,74 @@ class GroupGrid:
 
 # ---------------------------------------------------------------- one layer
 
-def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of the damped H^-1, the dead input columns); float64."""
-    h = hessian.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0  # an input never seen: its weights are free, GPTQ zeroes them
-    h.diagonal().add_(damping * h.diagonal().mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True), dead
-
-
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quant_type: str, group_size: int,
-                  scale_rule: str = "floor", damping: float = DAMPING, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+                  scale_rule: str = "floor", damping: float = DAMPING, block_size: int = BLOCK_SIZE,
+                  actorder: bool = True, unrounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one weight [out, in] given H = sum of x x^T over its calibration inputs [in, in].
 
     Returns (latent, values): GPTQ's quantized values and the latent weight (``weight``'s
-    dtype) that ``fake_quantize(.., quant_type, group_size, scale_rule)`` maps to them. Columns in natural order;
-    updates within a block of columns at once, as in the paper.
+    dtype) that ``fake_quantize(.., quant_type, group_size, scale_rule)`` maps to them.
+    ``actorder``: columns in order of decreasing H diagonal (the inputs with the most
+    energy first, while the most columns remain to absorb their error), every group's grid
+    chosen beforehand from the unquantized weights ("static groups", llm-compressor's
+    default); otherwise columns in natural order, each group's grid chosen when GPTQ
+    reaches it, from its error-updated weights. Updates within a block of columns at once.
+    ``unrounded``: the latent weight is each column's error-updated weight just before GPTQ
+    rounded it (clamped into its group's range), wherever that still rounds to GPTQ's
+    values under the student's own rule; elsewhere, and without it, the values themselves.
+    A latent on a grid point needs half a code step of updates before straight-through
+    training can change its code; the unrounded one keeps how close GPTQ's decision was.
     """
     w = weight.detach().clone()
     rows, columns = w.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"Hessian of shape {list(hessian.shape)} for a weight with {columns} input columns")
-    block_size = group_size * max(1, block_size // group_size)  # a group never spans two blocks
-    latent, quantized = torch.empty_like(w), torch.empty_like(w)
     with _one_cpu_thread(w.device):
-        upper, dead = _inverse_hessian_cholesky(hessian, damping)
+        h = hessian.double()
+        dead = h.diagonal() == 0
         w[:, dead] = 0
-        _quantize_columns(w, upper.to(w.dtype), latent, quantized, quant_type, group_size, scale_rule, block_size)
+        groups = columns // group_size
+        if actorder:
+            order = torch.argsort(h.diagonal(), descending=True, stable=True)
+            grids = [GroupGrid(w[:, g * group_size:(g + 1) * group_size], quant_type, scale_rule) for g in range(groups)]
+            h = h[order][:, order]
+        else:
+            order = torch.arange(columns, device=w.device)
+            grids = [None] * groups
+            block_size = group_size * max(1, block_size // group_size)  # a group never spans two blocks
+        upper = _inverse_hessian_cholesky(h, damping).to(w.dtype)
+        quantized, before_rounding = torch.empty_like(w), torch.empty_like(w)
+        _quantize_columns(w[:, order], upper, order.tolist(), grids, quantized, before_rounding, quant_type,
+                          group_size, scale_rule, block_size)
+        latent = torch.cat([grid.latent(quantized[:, g * group_size:(g + 1) * group_size])
+                            for g, grid in enumerate(grids)], dim=1)
+        if unrounded:
+            latent = _unrounded_latent(latent, before_rounding, quant_type, group_size, scale_rule)
     return latent, quantized
+
+
+def _unrounded_latent(latent, before_rounding, quant_type, group_size, scale_rule):
+    """``before_rounding`` clamped into each group's latent range, the group's extremes kept,
+    for every (row, group) where the student's quantizer gives what it gives on ``latent``."""
+    rows, columns = latent.shape
+    grouped = latent.reshape(rows, -1, group_size)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    extreme = (grouped == low) | (grouped == high) | (grouped.abs() == grouped.abs().amax(-1, keepdim=True))
+    candidate = torch.where(extreme, grouped, before_rounding.reshape(grouped.shape).clamp(low, high))
+    candidate = candidate.reshape(rows, columns)
+    same = (fake_quantize(candidate, quant_type, group_size, scale_rule)
+            == fake_quantize(latent, quant_type, group_size, scale_rule)).reshape(grouped.shape).all(-1, keepdim=True)
+    return torch.where(same, candidate.reshape(grouped.shape), grouped).reshape(rows, columns)
+
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """The upper Cholesky factor of the damped H^-1, in float64."""
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # an input never seen: its weights are free, GPTQ zeroes them
+    h.diagonal().add_(damping * h.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
 
 
 @contextlib.contextmanager
@@ -150,25 +189,29 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _quantize_columns(w, upper, latent, quantized, quant_type, group_size, scale_rule, block_size) -> None:
-    """GPTQ's loop over the columns of ``w`` (updated in place), writing ``latent`` and ``quantized``."""
+def _quantize_columns(w, upper, order, grids, quantized, before_rounding, quant_type, group_size, scale_rule,
+                      block_size) -> None:
+    """GPTQ's loop over the columns of ``w`` (the weight's columns taken in ``order``, updated
+    in place), writing each column's values to ``quantized`` and its weights just before
+    rounding to ``before_rounding``, at the column's own index. A group
+    whose grid is None gets it from its error-updated weights when the loop reaches it
+    (natural order only: the group's columns are then the next ``group_size`` of the block)."""
     rows, columns = w.shape
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         block = w[:, start:end].clone()
         errors = torch.empty_like(block)
         for i in range(end - start):
-            if i % group_size == 0:
-                grid = GroupGrid(block[:, i:i + group_size], quant_type, scale_rule)
-                values = torch.empty_like(block[:, i:i + group_size])
-            column = start + i
-            values[:, i % group_size] = grid.quantize(block[:, i], i % group_size)
-            error = (block[:, i] - values[:, i % group_size]) / upper[column, column]
-            block[:, i:] -= error[:, None] * upper[column, column:end][None, :]
+            position = start + i
+            group, j = divmod(order[position], group_size)
+            if grids[group] is None:
+                grids[group] = GroupGrid(block[:, i:i + group_size], quant_type, scale_rule)
+            values = grids[group].quantize(block[:, i], j)
+            quantized[:, order[position]] = values
+            before_rounding[:, order[position]] = block[:, i]
+            error = (block[:, i] - values) / upper[position, position]
+            block[:, i:] -= error[:, None] * upper[position, position:end][None, :]
             errors[:, i] = error
-            if i % group_size == group_size - 1:
-                latent[:, column + 1 - group_size:column + 1] = grid.latent(values)
-                quantized[:, column + 1 - group_size:column + 1] = values
         w[:, end:] -= errors @ upper[start:end, end:]
 
 
@@ -218,7 +261,7 @@ def _output(out):
 
 
 def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
-               block_size: int = BLOCK_SIZE) -> dict:
+               block_size: int = BLOCK_SIZE, actorder: bool = True, unrounded: bool = False) -> dict:
     """GPTQ every ``FakeQuantLinear`` of ``model`` in place (its latent weight), calibrated
     on ``batches`` (dicts of right-padded ``input_ids`` and ``attention_mask`` on the
     model's device); padding never enters a Hessian. Returns a summary for the log."""
@@ -247,7 +290,8 @@ def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
             hessians = _layer_hessians(layer, linears, inputs, masks)
             for linear in linears:
                 linear.weight.copy_(gptq_quantize(linear.weight, hessians[linear], linear.quant_type,
-                                                  linear.group_size, linear.scale_rule, damping, block_size)[0])
+                                                  linear.group_size, linear.scale_rule, damping, block_size,
+                                                  actorder, unrounded)[0])
             with frozen_quant(layer):  # quantize each weight once, not once a batch
                 for i, (hidden, args, kwargs) in enumerate(inputs):  # in place: one copy of the set
                     inputs[i] = (_output(layer(hidden.to(device), *args, **kwargs)).cpu(), args, kwargs)

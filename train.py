@@ -59,6 +59,7 @@ class TrainConfig:
     # block; the default for mxfp4, RESULTS.md stage 5); INT4 has no scale rule (floor is recorded)
     init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
+    gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
     learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
@@ -96,6 +97,8 @@ class TrainConfig:
 
 QUANT_CHOICES = ("mxfp4", "int4", "int4_sym", "none")
 INIT_CHOICES = ("rtn", "gptq")
+GPTQ_LATENT_CHOICES = ("values", "unrounded")
+CHOICES = {"quant_type": QUANT_CHOICES, "init": INIT_CHOICES, "gptq_latent": GPTQ_LATENT_CHOICES}
 ALIASES = {"learning_rate": ["--lr"], "per_device_train_batch_size": ["--batch-size", "--batch_size"]}
 
 
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"(default: {default})")
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-        choices = {"quant_type": QUANT_CHOICES, "init": INIT_CHOICES}.get(f.name)
+        choices = CHOICES.get(f.name)
         parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, help=f"(default: {default})")
     return parser
 
@@ -173,8 +176,9 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if not 0.0 <= value <= 1.0:
             raise Abort(f"--{name} must be in [0, 1], got {value}")
-    if c.quant_type not in QUANT_CHOICES:
-        raise Abort(f"--quant-type must be one of {', '.join(QUANT_CHOICES)}, got {c.quant_type!r}")
+    for name, allowed in CHOICES.items():  # a TOML file bypasses argparse's choices
+        if getattr(c, name) not in allowed:
+            raise Abort(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
     if c.scale_rule is not None and c.scale_rule not in SCALE_RULES:
         raise Abort(f"--scale-rule must be one of {', '.join(SCALE_RULES)}, got {c.scale_rule!r}")
     if c.scale_rule not in (None, "floor") and c.quant_type != "mxfp4":
@@ -190,8 +194,6 @@ def validate(c: TrainConfig) -> None:
             raise Abort(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if c.max_steps < 0:
         raise Abort(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
-    if c.init not in INIT_CHOICES:
-        raise Abort(f"--init must be one of {', '.join(INIT_CHOICES)}, got {c.init!r}")
     if c.init == "gptq" and c.quant_type == "none":
         raise Abort("--init gptq quantizes the student's start; it needs a --quant-type other than none")
     if c.init_samples < 1:
@@ -333,7 +335,7 @@ def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None
                             tokenizer.pad_token_id, c.max_length)
         batches.append({k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask")})
     student.to(accelerator.device)
-    summary = apply_gptq(student, batches)
+    summary = apply_gptq(student, batches, unrounded=c.gptq_latent == "unrounded")
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 

@@ -22,37 +22,44 @@ def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
     return x
 
 
-def reference_gptq(weight, hessian, quant_type, group_size, scale_rule, damping=0.01):
+def reference_gptq(weight, hessian, quant_type, group_size, scale_rule, actorder, damping=0.01):
     """GPTQ as the paper writes it, in float64: column by column, every update applied at
-    once to all later columns (no blocks), H^-1 updated by explicit elimination."""
+    once to all later columns (no blocks), H^-1 updated by explicit elimination. With
+    ``actorder`` the columns go by decreasing H diagonal, each group's grid taken from the
+    unquantized weights; otherwise in natural order, each grid from the updated weights."""
     w = weight.double().clone()
     h = hessian.double().clone()
     dead = h.diagonal() == 0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if actorder else torch.arange(w.shape[1])
     h[dead, dead] = 1.0
     w[:, dead] = 0
     h.diagonal().add_(damping * h.diagonal().mean())
     h_inv = torch.linalg.inv(h)
+    grids = {g: GroupGrid(w[:, g:g + group_size].float(), quant_type, scale_rule)
+             for g in range(0, w.shape[1], group_size)} if actorder else {}
     values = torch.empty_like(w)
-    for column in range(w.shape[1]):
-        if column % group_size == 0:
-            grid = GroupGrid(w[:, column:column + group_size].float(), quant_type, scale_rule)
-        q = grid.quantize(w[:, column].float(), column % group_size).double()
+    for column in order.tolist():
+        first = column - column % group_size
+        if first not in grids:
+            grids[first] = GroupGrid(w[:, first:first + group_size].float(), quant_type, scale_rule)
+        q = grids[first].quantize(w[:, column].float(), column % group_size).double()
         values[:, column] = q
         error = (w[:, column] - q) / h_inv[column, column]
-        w[:, column:] -= error[:, None] * h_inv[column, column:][None, :]
+        w -= error[:, None] * h_inv[column, :][None, :]  # zero on the columns already quantized
         # remove the quantized column from the inverse Hessian (Gaussian elimination, OBS)
         h_inv = h_inv - torch.outer(h_inv[:, column], h_inv[column, :]) / h_inv[column, column]
     return values
 
 
 @pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
-def test_gptq_equals_a_float64_reference_of_the_update(quant_type, group_size, scale_rule):
+@pytest.mark.parametrize("actorder", [True, False])
+def test_gptq_equals_a_float64_reference_of_the_update(quant_type, group_size, scale_rule, actorder):
     torch.manual_seed(0)
     weight = torch.randn(24, 256) * 0.05
     x = correlated_inputs(600, 256, seed=1)
     hessian = x.T @ x
-    _, values = gptq_quantize(weight, hessian, quant_type, group_size, scale_rule, block_size=64)
-    expected = reference_gptq(weight, hessian, quant_type, group_size, scale_rule)
+    _, values = gptq_quantize(weight, hessian, quant_type, group_size, scale_rule, block_size=64, actorder=actorder)
+    expected = reference_gptq(weight, hessian, quant_type, group_size, scale_rule, actorder)
     torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -76,6 +83,23 @@ def test_the_latent_weight_fake_quantizes_to_gptq_values(quant_type, group_size,
         assert torch.equal(student, values)
     if quant_type != "int4":  # a dead column's weights are zeroed (int4's grid need not hold 0)
         assert torch.equal(values[:, 5], torch.zeros(32))
+
+
+@pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
+@pytest.mark.parametrize("magnitude", [1e-3, 1e3])
+def test_an_unrounded_latent_gives_the_same_student_and_keeps_gptqs_margins(quant_type, group_size, scale_rule,
+                                                                            magnitude):
+    torch.manual_seed(6)
+    weight = torch.randn(32, 128) * magnitude
+    weight[0, :group_size] = 0
+    x = correlated_inputs(400, 128, seed=7)
+    rounded, values = gptq_quantize(weight, x.T @ x, quant_type, group_size, scale_rule)
+    latent, same_values = gptq_quantize(weight, x.T @ x, quant_type, group_size, scale_rule, unrounded=True)
+    assert torch.equal(same_values, values)
+    assert torch.equal(fake_quantize(latent, quant_type, group_size, scale_rule),
+                       fake_quantize(rounded, quant_type, group_size, scale_rule))
+    # off the grid points nearly everywhere: what GPTQ's error-updated weights were
+    assert (latent != values).float().mean() > 0.5
 
 
 @pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
