@@ -190,6 +190,22 @@ def test_max_steps_zero_saves_the_gptq_start_as_a_student_that_beats_rounding(tm
     assert not torch.equal(saved[name], fake_quantize(teacher[name], "mxfp4", 32, "mse"))  # not rounding
 
 
+def test_an_unrounded_gptq_start_is_the_same_student_with_latent_weights_off_the_grid(tmp_path, tiny_checkpoint,
+                                                                                     chat_dataset):
+    from safetensors.torch import load_file
+
+    latent = {}
+    for mode in ("values", "unrounded"):
+        out = tmp_path / mode
+        assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--init-samples", "8",
+                                    "--gptq-latent", mode)) == 0
+        latent[mode] = load_file(out / "checkpoint-0" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    values, unrounded = latent["values"][name], latent["unrounded"][name]
+    assert torch.equal(fake_quantize(unrounded, "mxfp4", 32, "mse"), values)
+    assert (unrounded != values).float().mean() > 0.5
+
+
 def test_a_gptq_start_trains_resumes_and_refuses_a_resume_that_started_otherwise(tmp_path, tiny_checkpoint,
                                                                                  chat_dataset, capsys, caplog):
     out = tmp_path / "run"
@@ -210,6 +226,7 @@ def test_a_gptq_start_trains_resumes_and_refuses_a_resume_that_started_otherwise
     (["--quant-type", "none"], "--init gptq quantizes the student's start; it needs a --quant-type"),
     (["--init-samples", "0"], "--init-samples must be >= 1"),
     (["--init", "awq"], "argument --init: invalid choice"),
+    (["--gptq-latent", "rounded"], "invalid choice: 'rounded' (choose from 'values', 'unrounded')"),
     (["--init-samples", "1", "--max-length", "40"], "calibration tokens cannot measure a layer with 128 inputs"),
 ])
 def test_gptq_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_checkpoint, chat_dataset, capsys, extra,
