@@ -10,6 +10,9 @@ With --train-split, how far the gain generalizes: the same KL teacher-forced on 
 training set's reference completions, which the student was fitted to, beside the
 held-out one, for round-to-nearest and the trained student.
 
+With --start CHECKPOINT (a student saved before training, e.g. a GPTQ start's
+checkpoint-0), the codes are counted and the parts put back against that start instead.
+
     uv run python bench/gain_ablation.py dump/study/mxfp4_lr/lr0.0001_seed42/checkpoint-40 [--by-layer] [--train-split]
 """
 
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--by-layer", action="store_true", help="the gap each kind and depth of layer still holds")
     parser.add_argument("--train-split", action="store_true", help="the KL on the training set beside the held-out one")
+    parser.add_argument("--start", help="the checkpoint training started from (default: round-to-nearest)")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint)
     settings = json.loads((checkpoint / "config.json").read_text())["fake_quant"]
@@ -43,8 +47,12 @@ def main() -> None:
     teacher.eval()
     examples = heldout_examples(tokenizer)
 
+    start = load_file(Path(args.start) / "model.safetensors") if args.start else {}
+    start_name = "the start" if args.start else "round-to-nearest"
+
     def student(linear: bool, other: bool):
         model = ptq_baseline(teacher, settings)
+        model.load_state_dict(start, strict=False)
         quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
         chosen = {k: v for k, v in trained.items() if (k in quantized and linear) or (k not in quantized and other)}
         model.load_state_dict(chosen, strict=False)
@@ -54,13 +62,14 @@ def main() -> None:
     changed = total = 0
     with torch.no_grad():
         reference = ptq_baseline(teacher, settings)
+        reference.load_state_dict(start, strict=False)
         for (name, a), (_, b) in zip(reference.named_modules(), full.named_modules()):
             if isinstance(a, FakeQuantLinear):
                 changed += int((a.quantized_weight() != b.quantized_weight()).sum())
                 total += a.weight.numel()
-    print(f"4-bit codes changed from round-to-nearest: {changed / total:.2%} of {total:,}")
+    print(f"4-bit codes changed from {start_name}: {changed / total:.2%} of {total:,}")
     held_out = {}
-    for label, linear, other in (("round-to-nearest", False, False), ("trained norms and embedding only", False, True),
+    for label, linear, other in ((start_name, False, False), ("trained norms and embedding only", False, True),
                                  ("trained linear layers only", True, False), ("trained student", True, True)):
         model, _ = student(linear, other)
         with frozen_quant(model):
@@ -69,12 +78,12 @@ def main() -> None:
     if args.train_split:
         train_examples = heldout_examples(tokenizer, split="train")
         print(f"\nKL teacher-forced on the training set ({len(train_examples)} responses) and the held-out set:")
-        for label, model in (("round-to-nearest", reference), ("trained student", full)):
+        for label, model in ((start_name, reference), ("trained student", full)):
             with frozen_quant(model):
                 on_train = heldout_kl(teacher, model, train_examples, tokenizer.pad_token_id)
             print(f"{label}: training set {on_train:.4f}, held-out {held_out[label]:.4f}", flush=True)
     if args.by_layer:
-        for label, model in (("round-to-nearest", reference), ("trained student", full)):
+        for label, model in ((start_name, reference), ("trained student", full)):
             gap_by_layer(label, model, lambda m: heldout_kl(teacher, m, examples, tokenizer.pad_token_id))
 
 
