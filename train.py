@@ -60,6 +60,7 @@ class TrainConfig:
     init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
+    gptq_actorder: bool = True  # --init gptq: columns by decreasing Hessian diagonal, grids fixed first (off: natural order)
     learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
@@ -335,7 +336,7 @@ def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None
                             tokenizer.pad_token_id, c.max_length)
         batches.append({k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask")})
     student.to(accelerator.device)
-    summary = apply_gptq(student, batches, unrounded=c.gptq_latent == "unrounded")
+    summary = apply_gptq(student, batches, actorder=c.gptq_actorder, unrounded=c.gptq_latent == "unrounded")
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 

@@ -165,13 +165,15 @@ def gptq_args(tiny_checkpoint, chat_dataset, output_dir, *extra):
     return tiny_args(tiny_checkpoint, chat_dataset, output_dir, "--quant-type", "mxfp4", "--init", "gptq", *extra)
 
 
+@pytest.mark.parametrize("order", ["--gptq-actorder", "--no-gptq-actorder"])
 def test_max_steps_zero_saves_the_gptq_start_as_a_student_that_beats_rounding(tmp_path, tiny_checkpoint,
-                                                                              chat_dataset):
+                                                                              chat_dataset, order):
     from eval import load_student
     from safetensors.torch import load_file
 
     out = tmp_path / "gptq"
-    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--eval-steps", "1")) == 0
+    assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--eval-steps", "1",
+                                order)) == 0
     rtn = tmp_path / "rtn"
     assert train.main(gptq_args(tiny_checkpoint, chat_dataset, rtn, "--max-steps", "0", "--eval-steps", "1",
                                  "--init", "rtn")) == 0
