@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from errors import BadInput
+
 log = logging.getLogger("eval")
 
 TASKS = ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "mmlu")
@@ -57,10 +59,6 @@ LOCAL_PREFIX = "local_"
 PERPLEXITY_LOGITS_BYTES = 2 * 2**30
 
 
-class EvalError(Exception):
-    """Bad input: one line, non-zero exit."""
-
-
 def cache_root() -> Path:
     from models import cache_dir
 
@@ -77,8 +75,8 @@ def _lm_eval_task_dir() -> Path:
 
 def _require(path: Path, task: str) -> Path:
     if not path.exists():
-        raise EvalError(f"--data-dir is missing {path} for task {task}; copy it there in the Hugging Face schema "
-                        f"or drop the task with --tasks")
+        raise BadInput(f"--data-dir is missing {path} for task {task}; copy it there in the Hugging Face schema "
+                       f"or drop the task with --tasks")
     return path
 
 
@@ -137,7 +135,7 @@ def _write_local_mmlu(out: Path, upstream: Path, files: dict[str, str]) -> str:
     for subject in sorted(by_subject):
         upstream_yaml = upstream / "mmlu" / "default" / f"mmlu_{subject}.yaml"
         if not upstream_yaml.exists():
-            raise EvalError(f"mmlu subject {subject!r} in the local data is not an lm-eval mmlu task")
+            raise BadInput(f"mmlu subject {subject!r} in the local data is not an lm-eval mmlu task")
         subject_files = {}
         for split, lines in by_subject[subject].items():
             path = out / "mmlu" / subject / f"{split}.jsonl"
@@ -233,8 +231,8 @@ def lm_eval_output(lm, tasks: list[str], data_dir, limit, num_fewshot) -> tuple[
     except (ConnectionError, OSError) as e:
         if data_dir:
             raise
-        raise EvalError(f"could not fetch a benchmark from the Hugging Face hub ({type(e).__name__}); pass "
-                        f"--data-dir with local copies (layout: DIR/<task>/<split>.jsonl)") from e
+        raise BadInput(f"could not fetch a benchmark from the Hugging Face hub ({type(e).__name__}); pass "
+                       f"--data-dir with local copies (layout: DIR/<task>/<split>.jsonl)") from e
     return output, names
 
 
@@ -279,19 +277,19 @@ def student_settings(checkpoint: Path) -> dict:
 
         field = gguf.GGUFReader(checkpoint / GGUF_FILE).fields.get("qakd.quantization")
         if field is None:
-            raise EvalError(f"{checkpoint / GGUF_FILE} was not written by export.py (no qakd.quantization field)")
+            raise BadInput(f"{checkpoint / GGUF_FILE} was not written by export.py (no qakd.quantization field)")
         return json.loads(field.contents())
     if not (checkpoint / "config.json").exists():
-        raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
-                        f"or a run directory that holds one")
+        raise BadInput(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
+                       f"or a run directory that holds one")
     config = json.loads((checkpoint / "config.json").read_text())
     if EXPORT_KEY in config:
         return config[EXPORT_KEY]
     if is_foreign_compressed_tensors(config):  # another tool's (llm-compressor): read off its scheme
         return compressed_tensors_settings(config["quantization_config"], checkpoint)
     if not config.get(CONFIG_KEY):
-        raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
-                        f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
+        raise BadInput(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
+                       f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
     return config[CONFIG_KEY]
 
 
@@ -365,8 +363,8 @@ def compressed_tensors_settings(quantization: dict, checkpoint: Path) -> dict:
     taken: 4-bit weight-only, symmetric, group-wise INT (``int4_sym``) or MXFP4, one scheme for
     every quantized layer, skipped layers by name; anything else is refused in one line."""
     def refuse(why: str):
-        raise EvalError(f"{checkpoint}: its compressed-tensors quantization {why}; it has no qakd equivalent "
-                        f"(4-bit weight-only, symmetric, group-wise int4_sym or mxfp4)")
+        raise BadInput(f"{checkpoint}: its compressed-tensors quantization {why}; it has no qakd equivalent "
+                       f"(4-bit weight-only, symmetric, group-wise int4_sym or mxfp4)")
 
     if quantization.get("quant_method") != "compressed-tensors":
         refuse(f"method is {quantization.get('quant_method')!r}, not compressed-tensors")
@@ -405,7 +403,7 @@ def resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory, or the latest checkpoint-N of a run directory."""
     p = Path(path)
     if not p.exists():
-        raise EvalError(f"checkpoint {path} does not exist")
+        raise BadInput(f"checkpoint {path} does not exist")
     from export import GGUF_FILE
 
     if (p / "config.json").exists() or (p / GGUF_FILE).exists():
@@ -414,7 +412,7 @@ def resolve_checkpoint(path: str) -> Path:
 
     latest = latest_checkpoint(p)
     if latest is None:
-        raise EvalError(f"{path} holds no checkpoint (config.json or checkpoint-N/)")
+        raise BadInput(f"{path} holds no checkpoint (config.json or checkpoint-N/)")
     return latest
 
 
@@ -541,7 +539,7 @@ def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: 
     """B - A on the same items: mean difference in points, a paired bootstrap 95% CI, and
     McNemar's exact two-sided p-value on the discordant pairs."""
     if len(a) != len(b) or not a:
-        raise EvalError(f"cannot pair {len(a)} items with {len(b)}: evaluate both with the same tasks and --limit")
+        raise BadInput(f"cannot pair {len(a)} items with {len(b)}: evaluate both with the same tasks and --limit")
     diffs = [y - x for x, y in zip(a, b)]
     n = len(diffs)
     rng = random.Random(seed)
@@ -638,7 +636,7 @@ def plot(rows: dict[str, dict], tasks: list[str], path: Path) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        raise EvalError(f"{message} (see eval.py --help)")
+        raise BadInput(f"{message} (see eval.py --help)")
 
 
 def _batch_size(text: str):
@@ -696,17 +694,17 @@ def parse_args(argv) -> argparse.Namespace:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise EvalError(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
+        raise BadInput(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
     args.task_list = tasks
     if args.data_dir:
         if not Path(args.data_dir).is_dir():
-            raise EvalError(f"--data-dir {args.data_dir} is not a directory")
+            raise BadInput(f"--data-dir {args.data_dir} is not a directory")
         for task in tasks + ([PERPLEXITY_TASK] if args.perplexity else []):
             folder, splits = LOCAL_DATA[task]
             for split in splits:
                 _require(Path(args.data_dir) / folder / f"{split}.jsonl", task)
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise EvalError(f"--output-dir {args.output_dir} is a file; name a directory")
+        raise BadInput(f"--output-dir {args.output_dir} is a file; name a directory")
     if args.model:
         from models import EMBEDDED_MODEL, resolve_model_source
 
@@ -724,9 +722,9 @@ def choose_device(requested: str | None, cuda_available: bool) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise EvalError(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise BadInput(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not cuda_available:
-        raise EvalError(f"--device {requested}: no CUDA device is visible here; use --device cpu")
+        raise BadInput(f"--device {requested}: no CUDA device is visible here; use --device cpu")
     return device
 
 
@@ -783,7 +781,7 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return run(parse_args(argv))
-    except (EvalError, FileNotFoundError) as e:
+    except (BadInput, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -821,7 +819,7 @@ def run(args) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else (
         checkpoints[0].parent / "eval" if checkpoints else Path("eval_results"))
     if output_dir.exists() and not output_dir.is_dir():
-        raise EvalError(f"output directory {output_dir} is a file; pass --output-dir")
+        raise BadInput(f"output directory {output_dir} is a file; pass --output-dir")
 
     teacher, tokenizer = load_model(teacher_source)
     teacher = on_device(teacher.eval(), device, dtype)
@@ -882,7 +880,7 @@ def _row_name(rows, name: str) -> str:
         return name
     matches = [r for r in rows if r.startswith(Path(name).name) or Path(name).name in r]
     if len(matches) != 1:
-        raise EvalError(f"--compare: no single row named {name!r}; rows are {', '.join(rows)}")
+        raise BadInput(f"--compare: no single row named {name!r}; rows are {', '.join(rows)}")
     return matches[0]
 
 

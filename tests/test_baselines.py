@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 
 import eval as evaluation
+from errors import BadInput
 
 GROUP = 64
 
@@ -90,7 +91,7 @@ def test_what_has_no_qakd_equivalent_is_refused_in_one_line(preset, message):
 
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
                                 ignore=["lm_head"]).to_dict()
-    with pytest.raises(evaluation.EvalError) as error:
+    with pytest.raises(BadInput) as error:
         evaluation.compressed_tensors_settings(json.loads(json.dumps(config, default=str)), Path("ckpt"))
     assert message in str(error.value) and "has no qakd equivalent" in str(error.value)
     assert len(str(error.value).splitlines()) == 1

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import checkpoints
 import train
+from errors import BadInput
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
 def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, line, message):
     config = tmp_path / "run.toml"
     config.write_text(line + "\n")
-    with pytest.raises(train.Abort, match=f"^{config}: {message}$"):
+    with pytest.raises(BadInput, match=f"^{config}: {message}$"):
         train.parse_config(["--config", str(config)])
 
 
@@ -805,5 +806,5 @@ def test_every_preset_parses_and_trains_a_student_export_can_ship(preset):
     import export
 
     c = train.parse_config(["--config", str(preset)])
-    train.validate(c)  # raises Abort on a value train.py would refuse
+    train.validate(c)  # raises BadInput on a value train.py would refuse
     export.check_exportable({"quant_type": c.quant_type}, "compressed-tensors")
