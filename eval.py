@@ -505,10 +505,10 @@ def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: 
     """KL(teacher || student) per completion token on teacher-forced held-out responses, and
     the teacher's NLL per token of the student's greedy completions. For the teacher itself
     the KL is 0 and the NLL is the floor of that metric (its own greedy completions)."""
-    from data import build_batch, completions_from_generation, left_padded_prompts
+    from data import build_batch
     from losses import IGNORE_INDEX
-    from models import sampling
     from quant import frozen_quant
+    from rollout import generate_completions
 
     examples = heldout_examples(tokenizer, limit=limit)
     device = next(student.parameters()).device
@@ -518,10 +518,8 @@ def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: 
         nll_sum = tokens_nll = 0.0
         for start in range(0, len(by_prompt_length), batch_size):
             prompts = [e.prompt_ids for e in by_prompt_length[start:start + batch_size]]
-            batch = {k: v.to(device) for k, v in left_padded_prompts(prompts, tokenizer.pad_token_id).items()}
-            with sampling(student, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
-                generated = student.generate(**batch, generation_config=config)
-            completions = completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
+            completions = generate_completions(student, tokenizer, prompts, device, do_sample=False,
+                                               max_new_tokens=max_new_tokens)
             scored = build_batch(prompts, completions, tokenizer.pad_token_id, EMBEDDED_MAX_LENGTH + max_new_tokens)
             mask = (scored["labels"] != IGNORE_INDEX).to(device)
             logits = completion_logits(teacher, {k: scored[k].to(device) for k in ("input_ids", "attention_mask")},

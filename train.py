@@ -480,25 +480,18 @@ def step_examples(run: Run, step: int, slot: int) -> list:
 
 
 def rollout(run: Run, model, prompts: list[list[int]], seed: int) -> list[list[int]]:
-    """Sampled completions of ``prompts`` (up to and including a stop token). Under FSDP
-    with several processes every process decodes until all are done (``synced_gpus``):
-    each forward gathers the sharded weights from all of them."""
+    """Completions of ``prompts`` sampled at ``--temperature`` (rollout.py). Under FSDP with
+    several processes every process decodes until all are done (``synced_gpus``): each
+    forward gathers the sharded weights from all of them."""
     from accelerate.utils import DistributedType
 
-    from data import completions_from_generation, left_padded_prompts
-    from models import sampling
+    from rollout import generate_completions
 
     accelerator, c = run.accelerator, run.c
-    batch = {k: v.to(accelerator.device) for k, v in left_padded_prompts(prompts, run.tokenizer.pad_token_id).items()}
     synced = accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
-    torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), sampling(model, run.tokenizer, do_sample=True, temperature=c.temperature,
-                                   max_new_tokens=c.max_new_tokens) as config:
-        generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
-    model.train(was_training)
-    return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
+    return generate_completions(model, run.tokenizer, prompts, accelerator.device, do_sample=True,
+                                temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=seed,
+                                synced_gpus=synced)
 
 
 def step_batches(run: Run, step: int, on_policy: bool) -> tuple[list[dict], int, float]:
