@@ -390,7 +390,7 @@ def set_up(c: TrainConfig) -> Run:
 
     import checkpoints
     from data import examples_in_use_order, load_records
-    from eval import heldout_examples
+    from heldout import heldout_examples
     from losses import DistillationLoss
 
     if c.mixed_precision == "bf16" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -558,7 +558,7 @@ def optimizer_step(run: Run) -> None:
 def heldout_kl(run: Run) -> dict:
     """Held-out KL(teacher || student) per token, teacher-forced, and the fraction of its
     step-0 value closed; each process scores a share of the examples and the sums are added."""
-    from eval import KL_BATCH, heldout_kl_sums
+    from heldout import KL_BATCH, heldout_kl_sums
     from quant import frozen_quant
 
     accelerator, model = run.accelerator, run.student_model

@@ -158,15 +158,17 @@ def test_embedded_eval_is_zero_for_the_teacher_and_positive_for_its_4bit_self(ti
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from heldout import embedded_eval
+
     teacher = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    same = evaluation.embedded_eval(teacher, copy.deepcopy(teacher), tokenizer, max_new_tokens=4, limit=4)
+    same = embedded_eval(teacher, copy.deepcopy(teacher), tokenizer, max_new_tokens=4, limit=4)
     assert same["heldout_kl"] == pytest.approx(0.0, abs=1e-6) and same["teacher_nll_of_student"] > 0
     student = evaluation.ptq_baseline(teacher, {"quant_type": "int4_sym", "group_size": 32})
-    quantized = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
+    quantized = embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
     assert quantized["heldout_kl"] > 1e-6
     # decoding the prompts one by one (no padding) or all together gives the same metrics
-    alone = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4, batch_size=1)
+    alone = embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4, batch_size=1)
     assert alone == pytest.approx(quantized, rel=1e-5)
 
 

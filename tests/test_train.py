@@ -458,7 +458,7 @@ def test_heldout_kl_runs_as_many_student_forwards_on_every_process_and_the_sums_
     assert [count for count, _ in per_rank] == [2] * 8
     assert heldout(1, 0)[0] == 10  # one process alone: 38 examples, batches of 4
     # the filler forwards add nothing: the shares' KL sums add up to one process's
-    from eval import heldout_kl_sums
+    from heldout import heldout_kl_sums
 
     sums = [heldout_kl_sums(teacher, student, examples[rank::8], 0, 64, forward_batches=2, filler=examples[0])
             for rank in range(8)]
