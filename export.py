@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from errors import BadInput
+from students import EXPORT_KEY, GGUF_FILE, load_student, resolve_checkpoint
 
 log = logging.getLogger("export")
 
 FORMATS = ("compressed-tensors", "gguf")
-GGUF_FILE = "model.gguf"
 GGUF_ARCHITECTURES = {"llama": "LLAMA", "qwen3": "QWEN3"}
 # llama.cpp's pre-tokenizer names for tokenizers built from a Hugging Face directory.
 GGUF_PRE_TOKENIZERS = {"qwen3": "qwen2", "qwen2": "qwen2"}
@@ -137,7 +137,6 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
 def write_compressed_tensors(student, tokenizer, settings: dict, out: Path) -> None:
     from safetensors.torch import save_file
 
-    from eval import EXPORT_KEY
     from quant import CONFIG_KEY
 
     state_dict, quantization_config = compressed_tensors_export(student, settings)
@@ -332,7 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool = False) -> Path:
-    from eval import EXPORT_KEY, load_student, resolve_checkpoint
     from quant import CONFIG_KEY
 
     if out.exists() and not overwrite:

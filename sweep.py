@@ -221,7 +221,7 @@ def bench_average(row: dict, tasks: list[str]) -> tuple[float | None, float | No
 
 
 def final_metrics(curve: list[dict], evaluation: dict | None) -> dict:
-    from eval import gap_closed
+    from report import gap_closed
 
     final = {}
     trained = [r for r in curve if r.get("step", 0) > 0]

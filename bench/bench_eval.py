@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench_quant import timed  # noqa: E402
-from eval import run_lm_eval  # noqa: E402
+from harness import run_lm_eval  # noqa: E402
 from models import load_model  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def main():
 def time_scoring(model, tokenizer, args) -> None:
     from lm_eval.models.huggingface import HFLM
 
-    from eval import PERPLEXITY_TASK, TASKS, continuation_scoring_lm, lm_eval_output
+    from harness import PERPLEXITY_TASK, TASKS, continuation_scoring_lm, lm_eval_output
 
     print(f"lm-eval scoring, embedded teacher, --limit {args.limit}, batch 16, max length 2048, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
