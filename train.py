@@ -42,14 +42,16 @@ log = logging.getLogger("train")
 MAX_NONFINITE_IN_A_ROW = 3
 
 
+# Where a default was chosen by an experiment, README.md's table of train.py's flags gives
+# the evidence.
 @dataclass
 class TrainConfig:
     model: str | None = None  # teacher weights (the student starts from them): hub id, dir, .gguf; default embedded
     student_model: str | None = None  # a different starting point for the student (same tokenizer)
     dataset: str | None = None  # hub name or local .json/.jsonl/.parquet; default: the embedded set
     dataset_split: str = "train"
-    lmbda: float = 0.0  # probability that a step is on-policy (student generations); default: RESULTS.md stage 4
-    beta: float = 0.0  # generalized JSD interpolation: 0 forward KL, 1 reverse KL; default: RESULTS.md stage 2
+    lmbda: float = 0.0  # probability that a step is on-policy (student generations)
+    beta: float = 0.0  # generalized JSD interpolation: 0 forward KL, 1 reverse KL
     temperature: float = 0.9  # sampling temperature of the rollouts
     rollout_dtype: str = "float32"  # float32 | bfloat16: the quantized weights the rollouts compute with
     loss_temperature: float = 1.0  # temperature of the distributions the loss compares
@@ -58,11 +60,11 @@ class TrainConfig:
     quant_type: str = "mxfp4"  # mxfp4 | int4 | int4_sym | none
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
     scale_rule: str | None = None  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per
-    # block; the default for mxfp4, RESULTS.md stage 5); INT4 has no scale rule (floor is recorded)
+    # block; the default for mxfp4); INT4 has no scale rule (floor is recorded)
     init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
-    learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
+    learning_rate: float = 1e-4  # the Qwen3-4B presets set their own
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1

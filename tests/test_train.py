@@ -113,7 +113,7 @@ def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing
 
 
 def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
-    assert train.parse_config([]).scale_rule == "mse"  # RESULTS.md stage 5
+    assert train.parse_config([]).scale_rule == "mse"
     assert train.parse_config(["--scale-rule", "floor"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4_sym"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4", "--scale-rule", "floor"]).scale_rule == "floor"
