@@ -20,16 +20,14 @@ from pathlib import Path
 
 import torch
 
+from errors import BadInput
+
 log = logging.getLogger("checkpoints")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Settings that may change between a run and its resumption (a moved directory is the same run).
 RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "stop_after", "resume", "overwrite", "do_eval", "log_with",
                      "config", "eval_args", "eval_steps", "gradient_checkpointing", "output_dir"}
-
-
-class CheckpointError(ValueError):
-    """A run directory or checkpoint that cannot be used as asked: one line for the user."""
 
 
 def config_differences(saved: dict, config) -> list[str]:
@@ -70,7 +68,7 @@ def rotate(output_dir: Path, keep: int, keep_also: Path | None = None) -> list[P
 
 def checkpoint_to_resume(config) -> Path | None:
     """Refuse to clobber a run: the checkpoint ``config`` (train.py's settings) resumes from,
-    if any; raises CheckpointError for a directory holding another run or one given neither
+    if any; raises BadInput for a directory holding another run or one given neither
     --resume nor --overwrite."""
     out = Path(config.output_dir)
     saved = out / "run_config.json"
@@ -81,13 +79,13 @@ def checkpoint_to_resume(config) -> Path | None:
     if config.overwrite:
         return None
     if not config.resume:
-        raise CheckpointError(f"output directory {out} already holds a run; pass --resume to continue it, "
-                              f"--overwrite to replace it, or choose another --output_dir")
+        raise BadInput(f"output directory {out} already holds a run; pass --resume to continue it, "
+                       f"--overwrite to replace it, or choose another --output_dir")
     if saved.exists():
         differ = config_differences(json.loads(saved.read_text()), config)
         if differ:
-            raise CheckpointError(f"--resume: {out} was run with a different configuration ({', '.join(differ)}); "
-                                  f"use the same settings or another --output_dir")
+            raise BadInput(f"--resume: {out} was run with a different configuration ({', '.join(differ)}); "
+                           f"use the same settings or another --output_dir")
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
         log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
@@ -105,7 +103,7 @@ def load_weights(model, checkpoint: Path) -> None:
     if getattr(model, "lora_settings", None) is not None:
         saved, own = load_file(checkpoint / ADAPTER_FILE), adapters(model)
         if set(saved) != set(own):
-            raise CheckpointError(f"{checkpoint / ADAPTER_FILE}: its adapters do not fit this model")
+            raise BadInput(f"{checkpoint / ADAPTER_FILE}: its adapters do not fit this model")
         with torch.no_grad():
             for name, tensor in saved.items():
                 own[name].copy_(tensor)
@@ -119,8 +117,8 @@ def load_weights(model, checkpoint: Path) -> None:
     result = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise CheckpointError(f"{checkpoint}: its weights do not fit this model (missing "
-                              f"{sorted(result.missing_keys)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
+        raise BadInput(f"{checkpoint}: its weights do not fit this model (missing "
+                       f"{sorted(result.missing_keys)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
 
 
 def keep_one_weight_copy(accelerator, student) -> None:

@@ -270,19 +270,6 @@ def examples_in_use_order(records, tokenizer, max_length: int, count: int, seed:
     return examples
 
 
-def completions_from_generation(generated: torch.Tensor, prompt_width: int, stop_token_ids) -> list[list[int]]:
-    """Per row, the new tokens up to and including the first stop token (any of
-    ``stop_token_ids``, an id or a collection; later tokens dropped).
-
-    Works on token positions, so a pad token equal to EOS is not a problem."""
-    stops = {stop_token_ids} if isinstance(stop_token_ids, int) else set(stop_token_ids)
-    completions = []
-    for row in generated[:, prompt_width:].tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), None)
-        completions.append(row if end is None else row[: end + 1])
-    return completions
-
-
 def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, max_length: int):
     """Right-padded prompt + completion sequences and the loss labels.
 
@@ -302,14 +289,3 @@ def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_toke
         if len(row) > len(prompt):
             labels[b, len(prompt) - 1: len(row) - 1] = torch.tensor(row[len(prompt):])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def left_padded_prompts(prompts: list[list[int]], pad_token_id: int):
-    """Prompts batched for generation (left padding, so every row continues at the end)."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        input_ids[b, width - len(p):] = torch.tensor(p)
-        attention_mask[b, width - len(p):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -8,10 +8,10 @@ the students' quantization settings: the baseline distillation must beat), then 
 checkpoint, always evaluated with its quantized weights as rebuilt from the settings saved
 in it. Tasks run through lm-evaluation-harness (zero-shot ``acc``, and ``acc_norm`` where
 the task has it) on an in-memory model, the head run only where a request is scored
-(``continuation_scoring_lm``: stock HFLM's scores, less arithmetic); perplexity is
-lm-eval's ``wikitext`` task (word perplexity; each document is scored in disjoint windows
-of ``--max-length`` tokens, every window after the first conditioned on the one token
-before it, i.e. stride = max-length).
+(``continuation_scoring_lm`` in harness.py: stock HFLM's scores, less arithmetic);
+perplexity is lm-eval's ``wikitext`` task (word perplexity; each document is scored in
+disjoint windows of ``--max-length`` tokens, every window after the first conditioned on
+the one token before it, i.e. stride = max-length).
 
 ``--data-dir DIR`` reads every task from local copies in the Hugging Face schemas
 (``DIR/<task>/<split>.jsonl``) through task configs that ``include`` lm-eval's own and
@@ -26,308 +26,23 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from errors import BadInput
+from harness import PERPLEXITY_TASK, TASKS, check_local_data, perplexity_batch_size, run_lm_eval
+from heldout import EMBEDDED_VERSION, embedded_eval
+from report import compare_rows, find_row, plot, render_table
+from students import load_student, resolve_checkpoint, student_settings
+
 log = logging.getLogger("eval")
-
-TASKS = ("hellaswag", "arc_easy", "arc_challenge", "winogrande", "mmlu")
-PERPLEXITY_TASK = "wikitext"
-# Local layout: DIR/<task dir>/<split>.jsonl for each split lm-eval may read.
-LOCAL_DATA = {
-    "hellaswag": ("hellaswag", ("validation",)),
-    "arc_easy": ("arc_easy", ("train", "validation", "test")),
-    "arc_challenge": ("arc_challenge", ("train", "validation", "test")),
-    "winogrande": ("winogrande", ("validation",)),
-    "mmlu": ("mmlu", ("dev", "validation", "test")),
-    "wikitext": ("wikitext", ("test",)),
-}
-SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
-LOCAL_PREFIX = "local_"
-# lm-eval holds a batch's float32 logits and their log-softmax at once, [batch, length, vocab]
-# each. Perplexity windows are all --max-length long, so their batch is capped to keep both
-# within this budget (16 windows of 2048 tokens at SmolLM2's vocabulary would take 13 GB).
-PERPLEXITY_LOGITS_BYTES = 2 * 2**30
-
-
-class EvalError(Exception):
-    """Bad input: one line, non-zero exit."""
-
-
-def cache_root() -> Path:
-    from models import cache_dir
-
-    return cache_dir() / "eval"
-
-
-# ---------------------------------------------------------------- task configs over local data
-
-def _lm_eval_task_dir() -> Path:
-    import lm_eval.tasks
-
-    return Path(lm_eval.tasks.__file__).parent
-
-
-def _require(path: Path, task: str) -> Path:
-    if not path.exists():
-        raise EvalError(f"--data-dir is missing {path} for task {task}; copy it there in the Hugging Face schema "
-                        f"or drop the task with --tasks")
-    return path
-
-
-def _yaml(config: dict) -> str:
-    return json.dumps(config, indent=1)  # JSON is valid YAML and needs no escaping rules of its own
-
-
-def _local_split_config(data_files: dict[str, str], splits: tuple[str, ...]) -> dict:
-    """The data-source override: lm-eval's `json` builder on local files; splits that the
-    local copy lacks are switched off rather than fetched."""
-    config = {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": data_files}}
-    for split, key in SPLIT_KEYS.items():
-        if split not in splits:
-            config[key] = None
-    return config
-
-
-def write_local_tasks(data_dir: Path, tasks: list[str]) -> tuple[Path, dict[str, str]]:
-    """YAMLs that include lm-eval's task configs and override only the data source.
-
-    Returns (include path for lm-eval's TaskManager, {our task name: lm-eval task name}).
-    MMLU's single local file is split per subject (what `cais/mmlu` serves per config).
-    """
-    data_dir = Path(data_dir).resolve()
-    key = hashlib.sha256(f"{data_dir}|{sorted(tasks)}".encode()).hexdigest()[:16]
-    out = cache_root() / "tasks" / key
-    out.mkdir(parents=True, exist_ok=True)
-    upstream = _lm_eval_task_dir()
-    names = {}
-    for task in tasks:
-        folder, splits = LOCAL_DATA[task]
-        files = {s: str(_require(data_dir / folder / f"{s}.jsonl", task)) for s in splits}
-        if task == "mmlu":
-            names[task] = _write_local_mmlu(out, upstream, files)
-            continue
-        source = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
-                  "arc_challenge": "arc/arc_challenge.yaml", "winogrande": "winogrande/default.yaml",
-                  "wikitext": "wikitext/wikitext.yaml"}[task]
-        config = {"include": str(upstream / source), "task": LOCAL_PREFIX + task, "tag": [],
-                  **_local_split_config({s: files[s] for s in splits}, splits)}
-        if task == "arc_challenge":  # upstream includes arc_easy.yaml and changes only the config name
-            config["dataset_name"] = None
-        (out / f"{LOCAL_PREFIX}{task}.yaml").write_text(_yaml(config))
-        names[task] = LOCAL_PREFIX + task
-    return out, names
-
-
-def _write_local_mmlu(out: Path, upstream: Path, files: dict[str, str]) -> str:
-    by_subject: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for split, path in files.items():
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    by_subject[json.loads(line)["subject"]][split].append(line if line.endswith("\n") else line + "\n")
-    subtasks = []
-    for subject in sorted(by_subject):
-        upstream_yaml = upstream / "mmlu" / "default" / f"mmlu_{subject}.yaml"
-        if not upstream_yaml.exists():
-            raise EvalError(f"mmlu subject {subject!r} in the local data is not an lm-eval mmlu task")
-        subject_files = {}
-        for split, lines in by_subject[subject].items():
-            path = out / "mmlu" / subject / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(lines))
-            subject_files[split] = str(path)
-        config = {"include": str(upstream_yaml), "task": f"{LOCAL_PREFIX}mmlu_{subject}", "tag": [],
-                  **_local_split_config(subject_files, tuple(subject_files))}
-        config["dataset_kwargs"]["data_files"] = subject_files
-        (out / f"{LOCAL_PREFIX}mmlu_{subject}.yaml").write_text(_yaml(config))
-        subtasks.append(f"{LOCAL_PREFIX}mmlu_{subject}")
-    # Upstream's group nests stem/other/...; one level weighted by size gives the same mean.
-    group = {"group": f"{LOCAL_PREFIX}mmlu", "task": subtasks,
-             "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
-    (out / f"{LOCAL_PREFIX}mmlu_group.yaml").write_text(_yaml(group))
-    return f"{LOCAL_PREFIX}mmlu"
-
-
-# ---------------------------------------------------------------- running lm-eval
-
-_continuation_lm_class = None
-
-
-def continuation_scoring_lm(**hflm_kwargs):
-    """lm-eval's HFLM, except that the head and log-softmax run only at the positions a request
-    scores. Stock HFLM computes them at every position of every request ([batch, length,
-    vocabulary] floats) and then keeps the continuation's few; MMLU's continuation is one token.
-    Batches, padding and the body's forward are stock HFLM's, so the scores are the same."""
-    global _continuation_lm_class
-    if _continuation_lm_class is None:
-        import inspect
-
-        import torch.nn.functional as F
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.models.utils import Collator
-
-        class ContinuationScoringHFLM(HFLM):
-            def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-                takes_positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-                if self.backend != "causal" or self.batch_size == "auto" or not takes_positions:
-                    return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-                # The order and grouping stock HFLM uses: longest first, one forward for the
-                # requests that share context + continuation[:-1] (one-token answers of a question).
-                ordered = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
-                                   group_by="contexts" if self.logits_cache else None,
-                                   group_fn=lambda r: r[1] + r[2][:-1])
-                scores = []
-                for chunk in ordered.get_batched(n=self.batch_size):
-                    windows = [(context + continuation)[-(self.max_length + 1):][:-1]
-                               for _, context, continuation in chunk]
-                    ids = torch.zeros(len(chunk), max(map(len, windows)), dtype=torch.long, device=self.device)
-                    scored = []  # per request: the input positions whose next-token scores it uses
-                    for row, (window, (_, _, continuation)) in enumerate(zip(windows, chunk)):
-                        ids[row, :len(window)] = torch.tensor(window, dtype=torch.long)
-                        scored.append(range(len(window) - len(continuation), len(window)))
-                    positions = sorted({p for span in scored for p in span})
-                    column = {p: i for i, p in enumerate(positions)}
-                    keep = 0 if len(positions) == ids.shape[1] else torch.tensor(positions, device=self.device)
-                    mixed = getattr(self, "mixed_precision_dtype", None)
-                    with torch.no_grad(), torch.autocast(self.device.type, dtype=mixed, enabled=mixed is not None):
-                        logits = self.model(ids, logits_to_keep=keep).logits
-                    logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-                    for row, ((request, context, continuation), span) in enumerate(zip(chunk, scored)):
-                        picked = logprobs[row, [column[p] for p in span]].unsqueeze(0)
-                        greedy = picked.argmax(dim=-1)
-                        for request, continuation, picked in ordered.get_cache(
-                                req_str=request, cxt_toks=context, cont_toks=continuation, logits=picked):
-                            target = torch.tensor(continuation, dtype=torch.long, device=self.device).unsqueeze(0)
-                            exact = bool((greedy[:, -target.shape[1]:] == target).all())
-                            score = (float(torch.gather(picked, 2, target.unsqueeze(-1)).sum()), exact)
-                            scores.append(score)
-                            if request is not None:
-                                self.cache_hook.add_partial("loglikelihood", request, score)
-                return ordered.get_original(scores)
-
-        _continuation_lm_class = ContinuationScoringHFLM
-    return _continuation_lm_class(**hflm_kwargs)
-
-
-def lm_eval_output(lm, tasks: list[str], data_dir, limit, num_fewshot) -> tuple[dict, dict[str, str]]:
-    """lm-eval's output for `tasks` (with every sample) and the task names it ran them under."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    if data_dir:
-        include, names = write_local_tasks(Path(data_dir), tasks)
-        manager = TaskManager(include_path=str(include))
-    else:
-        names, manager = {t: t for t in tasks}, TaskManager()
-    try:
-        output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=num_fewshot,
-                                         limit=limit, log_samples=True, task_manager=manager, bootstrap_iters=1000)
-    except (ConnectionError, OSError) as e:
-        if data_dir:
-            raise
-        raise EvalError(f"could not fetch a benchmark from the Hugging Face hub ({type(e).__name__}); pass "
-                        f"--data-dir with local copies (layout: DIR/<task>/<split>.jsonl)") from e
-    return output, names
-
-
-def run_lm_eval(model, tokenizer, tasks: list[str], data_dir, limit, num_fewshot, batch_size, max_length) -> dict:
-    """{task: {"acc": ..., "acc_stderr": ..., ["acc_norm", "acc_norm_stderr"], "items": [0/1 per doc]}} and,
-    for wikitext, {"word_perplexity": ...}."""
-    lm = continuation_scoring_lm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    output, names = lm_eval_output(lm, tasks, data_dir, limit, num_fewshot)
-    results = {}
-    for task, name in names.items():
-        metrics = output["results"][name]
-        row = {}
-        for metric in ("acc", "acc_norm", "word_perplexity"):
-            if f"{metric},none" in metrics:
-                row[metric] = metrics[f"{metric},none"]
-                stderr = metrics.get(f"{metric}_stderr,none")
-                row[f"{metric}_stderr"] = stderr if isinstance(stderr, (int, float)) else None
-        sample_keys = sorted(k for k in output["samples"] if k == name or k.startswith(name + "_"))
-        items = []
-        for key in sample_keys:
-            items += [s["acc"] for s in sorted(output["samples"][key], key=lambda s: s["doc_id"]) if "acc" in s]
-        if items:
-            row["items"] = items
-        results[task] = row
-    return results
 
 
 # ---------------------------------------------------------------- models to evaluate
-
-EXPORT_KEY = "qakd_quantization"  # export.py's record of the student's settings
-
-
-def student_settings(checkpoint: Path) -> dict:
-    """The quantization settings a student row is evaluated with, read without loading its
-    weights (so that a bad checkpoint is refused before any model loads)."""
-    from quant import CONFIG_KEY
-
-    from export import GGUF_FILE
-
-    if (checkpoint / GGUF_FILE).exists() and not (checkpoint / "config.json").exists():
-        import gguf
-
-        field = gguf.GGUFReader(checkpoint / GGUF_FILE).fields.get("qakd.quantization")
-        if field is None:
-            raise EvalError(f"{checkpoint / GGUF_FILE} was not written by export.py (no qakd.quantization field)")
-        return json.loads(field.contents())
-    if not (checkpoint / "config.json").exists():
-        raise EvalError(f"{checkpoint} is not a checkpoint (no config.json); pass a checkpoint-N directory "
-                        f"or a run directory that holds one")
-    config = json.loads((checkpoint / "config.json").read_text())
-    if EXPORT_KEY in config:
-        return config[EXPORT_KEY]
-    if is_foreign_compressed_tensors(config):  # another tool's (llm-compressor): read off its scheme
-        return compressed_tensors_settings(config["quantization_config"], checkpoint)
-    if not config.get(CONFIG_KEY):
-        raise EvalError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
-                        f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
-    return config[CONFIG_KEY]
-
-
-def is_foreign_compressed_tensors(config: dict) -> bool:
-    """A compressed-tensors checkpoint that another tool (llm-compressor) wrote."""
-    from quant import CONFIG_KEY
-
-    return EXPORT_KEY not in config and not config.get(CONFIG_KEY) and "quantization_config" in config
-
-
-def load_student(checkpoint: Path):
-    """A saved student rebuilt with its recorded quantization (what deploys), or a
-    compressed-tensors export of one, loaded as it ships; also a compressed-tensors
-    checkpoint another tool wrote (llm-compressor's baselines), its settings read off its scheme."""
-    from models import load_model
-    from quant import quantize_model_from_settings
-
-    from export import GGUF_FILE
-
-    settings = student_settings(checkpoint)
-    if (checkpoint / GGUF_FILE).exists() and not (checkpoint / "config.json").exists():
-        # export.py's GGUF directory: transformers dequantizes it (gguf-py) to float32
-        model, tokenizer = load_model(checkpoint / GGUF_FILE)
-        return model.eval(), tokenizer, settings
-    config = json.loads((checkpoint / "config.json").read_text())
-    if EXPORT_KEY in config or is_foreign_compressed_tensors(config):
-        # a compressed-tensors directory (export.py's or another tool's): the 4-bit weights as they ship
-        from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
-
-        model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
-            checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-        return model.eval(), AutoTokenizer.from_pretrained(checkpoint), settings
-    model, tokenizer = load_model(checkpoint)
-    quantize_model_from_settings(model, settings)
-    return model.eval(), tokenizer, settings
-
 
 def on_device(model, device: torch.device, dtype: torch.dtype):
     """``model`` on ``device``, computing in ``dtype``. Below float32 each fake-quantized layer
@@ -335,14 +50,13 @@ def on_device(model, device: torch.device, dtype: torch.dtype):
     float32 latent weight (MXFP4 values are exact in bfloat16; INT4 ones are rounded, as a
     W4A16 kernel with bfloat16 scales would round them): quantizing a rounded latent weight
     would give other 4-bit values than the student trained with."""
-    from lora import merged_weight
     from quant import FakeQuantLinear, fake_quantize
 
     if dtype != torch.float32:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]:
             plain = torch.nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
             with torch.no_grad():
-                quantized = fake_quantize(merged_weight(layer), layer.quant_type, layer.group_size, layer.scale_rule)
+                quantized = fake_quantize(layer.latent_weight(), layer.quant_type, layer.group_size, layer.scale_rule)
             plain.weight = torch.nn.Parameter(quantized, requires_grad=False)
             plain.bias = layer.bias
             parent, _, child = name.rpartition(".")
@@ -359,65 +73,6 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def compressed_tensors_settings(quantization: dict, checkpoint: Path) -> dict:
-    """Our settings for a compressed-tensors checkpoint another tool wrote (llm-compressor):
-    they name its row's format and build its ``ptq`` row. Only what our students can be is
-    taken: 4-bit weight-only, symmetric, group-wise INT (``int4_sym``) or MXFP4, one scheme for
-    every quantized layer, skipped layers by name; anything else is refused in one line."""
-    def refuse(why: str):
-        raise EvalError(f"{checkpoint}: its compressed-tensors quantization {why}; it has no qakd equivalent "
-                        f"(4-bit weight-only, symmetric, group-wise int4_sym or mxfp4)")
-
-    if quantization.get("quant_method") != "compressed-tensors":
-        refuse(f"method is {quantization.get('quant_method')!r}, not compressed-tensors")
-    if quantization.get("kv_cache_scheme") or quantization.get("sparsity_config") or \
-            quantization.get("transform_config"):
-        refuse("has a KV-cache scheme, sparsity or transforms")
-    found = set()
-    for group in (quantization.get("config_groups") or {}).values():
-        weights = group.get("weights") or {}
-        if group.get("input_activations") or group.get("output_activations"):
-            refuse("quantizes activations")
-        if any(str(t).startswith("re:") for t in group.get("targets", [])):
-            refuse(f"targets layers by pattern ({group['targets']})")
-        if (weights.get("num_bits"), weights.get("strategy")) != (4, "group") or not weights.get("symmetric"):
-            refuse(f"is {weights.get('num_bits')}-bit {weights.get('strategy')}-wise"
-                   f"{'' if weights.get('symmetric') else ' asymmetric'}")
-        if weights.get("type") == "int":
-            found.add(("int4_sym", weights.get("group_size")))
-        elif weights.get("type") == "float" and weights.get("group_size") == 32 and \
-                "uint8" in str(weights.get("scale_dtype")):
-            found.add(("mxfp4", None))
-        else:
-            refuse(f"is a 4-bit {weights.get('type')} format with groups of {weights.get('group_size')} and "
-                   f"{weights.get('scale_dtype')} scales")
-    if len(found) != 1:
-        refuse("uses no scheme or several" if not found else f"mixes schemes {sorted(map(str, found))}")
-    ignore = quantization.get("ignore") or []
-    if any(str(name).startswith("re:") for name in ignore):
-        refuse(f"skips layers by pattern ({ignore})")
-    (quant_type, group_size), = found
-    # MXFP4 scales were chosen by the tool; the ptq row rounds with the spec's floor rule
-    return {"quant_type": quant_type, "group_size": group_size, "scale_rule": "floor", "skip": list(ignore)}
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or the latest checkpoint-N of a run directory."""
-    p = Path(path)
-    if not p.exists():
-        raise EvalError(f"checkpoint {path} does not exist")
-    from export import GGUF_FILE
-
-    if (p / "config.json").exists() or (p / GGUF_FILE).exists():
-        return p
-    from checkpoints import latest_checkpoint
-
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise EvalError(f"{path} holds no checkpoint (config.json or checkpoint-N/)")
-    return latest
-
-
 def ptq_baseline(teacher, settings: dict):
     """Round-to-nearest: the teacher's weights under the same quantization, no training."""
     import copy
@@ -430,215 +85,11 @@ def ptq_baseline(teacher, settings: dict):
     return model.eval()
 
 
-# ---------------------------------------------------------------- embedded evaluation
-
-EMBEDDED_BATCH = 64  # prompts decoded together: each token reads every weight, so a larger batch costs little more
-EMBEDDED_VERSION = 2  # in the row cache's key: version 1 generated in batches of 8 (other padding, other ties)
-EMBEDDED_MAX_LENGTH = 512
-KL_BATCH = 4  # sequences per forward of the held-out KL (sorted by length; 4 beat 8 here)
-KL_ROWS = 256  # completion positions per KL chunk: [rows, vocab] stays cache-sized
-
-
-def completion_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
-    """The logits at the masked positions only, [positions, vocab]: the head runs on those
-    hidden states alone (prompt and padding positions never reach it)."""
-    from torch.distributed.tensor import DTensor
-
-    from losses import hidden_states_instead_of_logits, supports_fused_loss
-
-    # A head with softcapping or a scale, or one sharded by FSDP (only the model's own forward
-    # gathers it): the model's own logits.
-    if not supports_fused_loss(model) or isinstance(model.get_output_embeddings().weight, DTensor):
-        return model(**inputs).logits[mask]
-    with hidden_states_instead_of_logits(model) as head:
-        hidden = model(**inputs).logits[mask]
-    return torch.nn.functional.linear(hidden, head)
-
-
-def _kl_sums_of_batch(teacher, student, chunk, pad_token_id: int, max_length: int, device) -> tuple[float, int]:
-    from data import build_batch
-    from losses import IGNORE_INDEX, jsd_per_token
-
-    forced = build_batch([e.prompt_ids for e in chunk], [e.completion_ids for e in chunk], pad_token_id, max_length)
-    mask = (forced["labels"] != IGNORE_INDEX).to(device)
-    inputs = {k: forced[k].to(device) for k in ("input_ids", "attention_mask")}
-    student_logits, teacher_logits = completion_logits(student, inputs, mask), completion_logits(teacher, inputs, mask)
-    kl_sum = 0.0
-    for row in range(0, student_logits.shape[0], KL_ROWS):
-        kl = jsd_per_token(student_logits[row:row + KL_ROWS], teacher_logits[row:row + KL_ROWS], beta=0.0)
-        kl_sum += kl.double().sum().item()
-    return kl_sum, int(mask.sum())
-
-
-@torch.no_grad()
-def heldout_kl_sums(teacher, student, examples, pad_token_id: int, max_length: int = EMBEDDED_MAX_LENGTH,
-                    batch_size: int = KL_BATCH, forward_batches: int | None = None, filler=None) -> tuple[float, int]:
-    """(sum over completion tokens of KL(teacher || student), token count), teacher-forced on
-    the examples' reference completions. Sums, so that processes can add theirs.
-
-    ``forward_batches``: run exactly that many forwards, those beyond the examples' own on
-    ``filler`` (an example) with their result discarded. Under FSDP each forward all-gathers
-    the student's shards, so every process must run as many as the others."""
-    device = next(student.parameters()).device
-    ordered = sorted(examples, key=lambda e: len(e.prompt_ids) + len(e.completion_ids))  # less padding
-    chunks = [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
-    padding = 0 if forward_batches is None else forward_batches - len(chunks)
-    if padding < 0 or (padding and filler is None):
-        raise ValueError(f"{len(chunks)} batches of held-out examples cannot make {forward_batches} forwards")
-    kl_sum, tokens = 0.0, 0
-    for chunk in chunks:
-        batch_kl, batch_tokens = _kl_sums_of_batch(teacher, student, chunk, pad_token_id, max_length, device)
-        kl_sum, tokens = kl_sum + batch_kl, tokens + batch_tokens
-    for _ in range(padding):  # weight 0: only the forward's collectives count
-        _kl_sums_of_batch(teacher, student, [filler], pad_token_id, max_length, device)
-    return kl_sum, tokens
-
-
-def heldout_examples(tokenizer, dataset: str | None = None, split: str = "heldout",
-                     max_length: int = EMBEDDED_MAX_LENGTH, limit: int | None = None):
-    """The held-out prompts and reference completions (default: the embedded held-out set)."""
-    from data import load_records, prepare_examples
-
-    return prepare_examples(load_records(dataset, split), tokenizer, max_length=max_length)[:limit]
-
-
-@torch.no_grad()
-def embedded_eval(teacher, student, tokenizer, max_new_tokens: int = 64, limit: int | None = None,
-                  batch_size: int = EMBEDDED_BATCH) -> dict:
-    """KL(teacher || student) per completion token on teacher-forced held-out responses, and
-    the teacher's NLL per token of the student's greedy completions. For the teacher itself
-    the KL is 0 and the NLL is the floor of that metric (its own greedy completions)."""
-    from data import build_batch, completions_from_generation, left_padded_prompts
-    from losses import IGNORE_INDEX
-    from models import sampling
-    from quant import frozen_quant
-
-    examples = heldout_examples(tokenizer, limit=limit)
-    device = next(student.parameters()).device
-    by_prompt_length = sorted(examples, key=lambda e: len(e.prompt_ids))  # batches with little left padding
-    with frozen_quant(student):  # quantize once, not once per generated token
-        kl_sum, tokens_kl = heldout_kl_sums(teacher, student, examples, tokenizer.pad_token_id)
-        nll_sum = tokens_nll = 0.0
-        for start in range(0, len(by_prompt_length), batch_size):
-            prompts = [e.prompt_ids for e in by_prompt_length[start:start + batch_size]]
-            batch = {k: v.to(device) for k, v in left_padded_prompts(prompts, tokenizer.pad_token_id).items()}
-            with sampling(student, tokenizer, do_sample=False, max_new_tokens=max_new_tokens) as config:
-                generated = student.generate(**batch, generation_config=config)
-            completions = completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
-            scored = build_batch(prompts, completions, tokenizer.pad_token_id, EMBEDDED_MAX_LENGTH + max_new_tokens)
-            mask = (scored["labels"] != IGNORE_INDEX).to(device)
-            logits = completion_logits(teacher, {k: scored[k].to(device) for k in ("input_ids", "attention_mask")},
-                                       mask)
-            nll_sum += torch.nn.functional.cross_entropy(logits.float(), scored["labels"].to(device)[mask],
-                                                         reduction="sum").item()
-            tokens_nll += int(mask.sum())
-    return {"heldout_kl": kl_sum / max(tokens_kl, 1), "teacher_nll_of_student": nll_sum / max(tokens_nll, 1)}
-
-
-# ---------------------------------------------------------------- statistics and the table
-
-def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
-    """B - A on the same items: mean difference in points, a paired bootstrap 95% CI, and
-    McNemar's exact two-sided p-value on the discordant pairs."""
-    if len(a) != len(b) or not a:
-        raise EvalError(f"cannot pair {len(a)} items with {len(b)}: evaluate both with the same tasks and --limit")
-    diffs = [y - x for x, y in zip(a, b)]
-    n = len(diffs)
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    b_only, a_only = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    discordant = a_only + b_only
-    tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1)) / 2**discordant if discordant else 1.0
-    return {"diff": 100 * sum(diffs) / n, "ci_low": 100 * means[int(0.025 * resamples)],
-            "ci_high": 100 * means[int(0.975 * resamples) - 1], "p_value": min(1.0, 2 * tail), "n": n,
-            "a_only": a_only, "b_only": b_only}
-
-
-def verdict(name_a: str, name_b: str, stats: dict, alpha: float = 0.05) -> str:
-    half = (stats["ci_high"] - stats["ci_low"]) / 2
-    if stats["p_value"] >= alpha:
-        return (f"no significant difference ({name_b} - {name_a} = {stats['diff']:+.2f} +- {half:.2f} points, "
-                f"p = {stats['p_value']:.2g}, n = {stats['n']})")
-    better, worse = (name_b, name_a) if stats["diff"] > 0 else (name_a, name_b)
-    return f"{better} better than {worse} by {abs(stats['diff']):.2f} +- {half:.2f} points, p = {stats['p_value']:.2g}"
-
-
-def average(row: dict, tasks: list[str]) -> float | None:
-    values = [row[t]["acc"] for t in tasks if t in row and "acc" in row[t]]
-    return sum(values) / len(values) if len(values) == len(tasks) and values else None
-
-
-def gap_closed(value, teacher, ptq) -> float | None:
-    """(value - ptq) / (teacher - ptq): 0 at round-to-nearest, 1 at the teacher, whichever
-    direction the metric improves in; None where a value is missing or there is no gap."""
-    if value is None or teacher is None or ptq is None or teacher == ptq:
-        return None
-    return (value - ptq) / (teacher - ptq)
-
-
-def _percent(fraction: float | None) -> str:
-    return "–" if fraction is None else f"{fraction:.0%}"
-
-
-def render_table(rows: dict[str, dict], tasks: list[str]) -> str:
-    """One line per row: accuracies with standard errors, their average, perplexity and the
-    embedded metrics, each followed by the fraction of the ptq -> teacher gap it closed."""
-    def cell(result, metric="acc"):
-        if not result or metric not in result:
-            return "–"
-        stderr = result.get(f"{metric}_stderr")
-        return f"{result[metric]:.3f} ± {stderr:.3f}" if stderr is not None else f"{result[metric]:.3f}"
-
-    def ppl(row):
-        return row.get(PERPLEXITY_TASK, {}).get("word_perplexity")
-
-    teacher, ptq = rows.get("teacher", {}), rows.get("ptq", {})
-    extra = sorted({k for row in rows.values() for k in row.get("embedded", {})})
-    header = ["model", *tasks, "avg", "gap closed", "ppl", "ppl gap closed"]
-    header += [h for k in extra for h in (k, f"{k} gap closed")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, row in rows.items():
-        avg = average(row, tasks)
-        cells = [name, *(cell(row.get(t)) for t in tasks), "–" if avg is None else f"{avg:.3f}",
-                 _percent(gap_closed(avg, average(teacher, tasks), average(ptq, tasks))),
-                 "–" if ppl(row) is None else f"{ppl(row):.2f}", _percent(gap_closed(ppl(row), ppl(teacher), ppl(ptq)))]
-        for k in extra:
-            value = row.get("embedded", {}).get(k)
-            cells += ["–" if value is None else f"{value:.4f}",
-                      _percent(gap_closed(value, teacher.get("embedded", {}).get(k), ptq.get("embedded", {}).get(k)))]
-        lines.append("| " + " | ".join(cells) + " |")
-    norm = [t for t in tasks if any("acc_norm" in row.get(t, {}) for row in rows.values())]
-    if norm:
-        lines += ["", "acc_norm: " + "; ".join(
-            f"{name}: " + ", ".join(f"{t} {cell(row.get(t), 'acc_norm')}" for t in norm) for name, row in rows.items())]
-    return "\n".join(lines)
-
-
-def plot(rows: dict[str, dict], tasks: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
-    width = 0.8 / max(len(rows), 1)
-    for i, (name, row) in enumerate(rows.items()):
-        values = [row.get(t, {}).get("acc", 0.0) for t in tasks]
-        errors = [row.get(t, {}).get("acc_stderr") or 0.0 for t in tasks]
-        ax.bar([x + i * width for x in range(len(tasks))], values, width, yerr=errors, capsize=3, label=name)
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
-    ax.set_ylabel("acc")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- main
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        raise EvalError(f"{message} (see eval.py --help)")
+        raise BadInput(f"{message} (see eval.py --help)")
 
 
 def _batch_size(text: str):
@@ -696,17 +147,14 @@ def parse_args(argv) -> argparse.Namespace:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise EvalError(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
+        raise BadInput(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
     args.task_list = tasks
     if args.data_dir:
         if not Path(args.data_dir).is_dir():
-            raise EvalError(f"--data-dir {args.data_dir} is not a directory")
-        for task in tasks + ([PERPLEXITY_TASK] if args.perplexity else []):
-            folder, splits = LOCAL_DATA[task]
-            for split in splits:
-                _require(Path(args.data_dir) / folder / f"{split}.jsonl", task)
+            raise BadInput(f"--data-dir {args.data_dir} is not a directory")
+        check_local_data(Path(args.data_dir), tasks + ([PERPLEXITY_TASK] if args.perplexity else []))
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise EvalError(f"--output-dir {args.output_dir} is a file; name a directory")
+        raise BadInput(f"--output-dir {args.output_dir} is a file; name a directory")
     if args.model:
         from models import EMBEDDED_MODEL, resolve_model_source
 
@@ -724,23 +172,18 @@ def choose_device(requested: str | None, cuda_available: bool) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise EvalError(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise BadInput(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not cuda_available:
-        raise EvalError(f"--device {requested}: no CUDA device is visible here; use --device cpu")
+        raise BadInput(f"--device {requested}: no CUDA device is visible here; use --device cpu")
     return device
-
-
-def perplexity_batch_size(batch_size, max_length: int, vocab: int):
-    """``batch_size`` capped so one batch of perplexity windows fits PERPLEXITY_LOGITS_BYTES."""
-    if batch_size == "auto":
-        return batch_size
-    return max(1, min(batch_size, PERPLEXITY_LOGITS_BYTES // (2 * 4 * max_length * vocab)))
 
 
 def cached_result(key: str | None, compute, no_cache: bool = False) -> dict:
     """compute(), stored under ``key`` in the eval cache and read back next time (teacher and
     ptq rows: the same for every student of a sweep)."""
-    path = cache_root() / "rows" / f"{key}.json" if key else None
+    from models import cache_dir
+
+    path = cache_dir() / "eval" / "rows" / f"{key}.json" if key else None
     if path is not None and not no_cache and path.exists():
         log.info("using cached result %s", path)
         return json.loads(path.read_text())
@@ -783,7 +226,7 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return run(parse_args(argv))
-    except (EvalError, FileNotFoundError) as e:
+    except (BadInput, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -813,7 +256,7 @@ def run(args) -> int:
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoints]
     ptq = ptq_rows([student_settings(c) for c in checkpoints])
     names = ["teacher", *ptq, *(student_row_name(c) for c in checkpoints)]
-    compare = [_row_name(names, name) for name in args.compare] if args.compare else None
+    compare = [find_row(names, name) for name in args.compare] if args.compare else None
     teacher_source = args.model
     if teacher_source is None and checkpoints:
         run_config = checkpoints[0] / "run_config.json"
@@ -821,7 +264,7 @@ def run(args) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else (
         checkpoints[0].parent / "eval" if checkpoints else Path("eval_results"))
     if output_dir.exists() and not output_dir.is_dir():
-        raise EvalError(f"output directory {output_dir} is a file; pass --output-dir")
+        raise BadInput(f"output directory {output_dir} is a file; pass --output-dir")
 
     teacher, tokenizer = load_model(teacher_source)
     teacher = on_device(teacher.eval(), device, dtype)
@@ -876,26 +319,6 @@ def run(args) -> int:
     return 0
 
 
-def _row_name(rows, name: str) -> str:
-    """The row (of the names in ``rows``) that a --compare name means."""
-    if name in rows:
-        return name
-    matches = [r for r in rows if r.startswith(Path(name).name) or Path(name).name in r]
-    if len(matches) != 1:
-        raise EvalError(f"--compare: no single row named {name!r}; rows are {', '.join(rows)}")
-    return matches[0]
-
-
-def compare_rows(rows: dict, tasks: list[str], a: str, b: str) -> list[str]:
-    a, b = _row_name(rows, a), _row_name(rows, b)
-    lines = [f"paired comparison, {b} vs {a} (bootstrap 95% CI, McNemar exact p):"]
-    for task in tasks:
-        items_a, items_b = rows[a].get(task, {}).get("items"), rows[b].get(task, {}).get("items")
-        if not items_a or not items_b:
-            lines.append(f"- {task}: no per-item results to pair")
-            continue
-        lines.append(f"- {task}: {verdict(a, b, paired_comparison(items_a, items_b))}")
-    return lines
 
 
 if __name__ == "__main__":

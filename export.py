@@ -33,17 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import BadInput
+from students import EXPORT_KEY, GGUF_FILE, load_student, resolve_checkpoint
+
 log = logging.getLogger("export")
 
 FORMATS = ("compressed-tensors", "gguf")
-GGUF_FILE = "model.gguf"
 GGUF_ARCHITECTURES = {"llama": "LLAMA", "qwen3": "QWEN3"}
 # llama.cpp's pre-tokenizer names for tokenizers built from a Hugging Face directory.
 GGUF_PRE_TOKENIZERS = {"qwen3": "qwen2", "qwen2": "qwen2"}
-
-
-class ExportError(Exception):
-    """Bad input: one line, nothing written."""
 
 
 # ---------------------------------------------------------------- the student's quantized layers
@@ -61,7 +59,7 @@ def mxfp4_parts(weight: torch.Tensor, scale_rule: str):
 
     codes, exponents = pack_mxfp4(weight.detach().float(), scale_rule)
     if bool((exponents == 0xFF).any()):
-        raise ExportError("a latent weight holds NaN or Inf (MXFP4 scale byte 0xFF); the checkpoint is broken")
+        raise BadInput("a latent weight holds NaN or Inf (MXFP4 scale byte 0xFF); the checkpoint is broken")
     scales = torch.ldexp(torch.ones(exponents.shape), exponents.to(torch.int32) - E8M0_BIAS)
     return unpack_mxfp4(codes, exponents), scales, codes, exponents
 
@@ -69,14 +67,14 @@ def mxfp4_parts(weight: torch.Tensor, scale_rule: str):
 def check_exportable(settings: dict, export_format: str) -> None:
     quant_type = settings.get("quant_type")
     if quant_type == "int4":
-        raise ExportError("--quant-type int4 students (asymmetric, float zero point: torchao's numerics) cannot be "
-                          "stored exactly in compressed-tensors (integer zero points) or GGUF; train with "
-                          "--quant-type int4_sym or mxfp4 to ship the function you trained")
+        raise BadInput("--quant-type int4 students (asymmetric, float zero point: torchao's numerics) cannot be "
+                       "stored exactly in compressed-tensors (integer zero points) or GGUF; train with "
+                       "--quant-type int4_sym or mxfp4 to ship the function you trained")
     if export_format == "gguf" and quant_type != "mxfp4":
-        raise ExportError(f"--format gguf writes MXFP4 blocks; this student is {quant_type} "
-                          f"(use --format compressed-tensors)")
+        raise BadInput(f"--format gguf writes MXFP4 blocks; this student is {quant_type} "
+                       f"(use --format compressed-tensors)")
     if quant_type not in ("mxfp4", "int4_sym"):
-        raise ExportError(f"quantization {quant_type!r} has no 4-bit export")
+        raise BadInput(f"quantization {quant_type!r} has no 4-bit export")
 
 
 # ---------------------------------------------------------------- compressed-tensors
@@ -139,7 +137,6 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
 def write_compressed_tensors(student, tokenizer, settings: dict, out: Path) -> None:
     from safetensors.torch import save_file
 
-    from eval import EXPORT_KEY
     from quant import CONFIG_KEY
 
     state_dict, quantization_config = compressed_tensors_export(student, settings)
@@ -209,8 +206,8 @@ def _add_tokenizer(writer, tokenizer, config, source: Path | None) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     bpe = json.loads(backend.to_str())["model"] if backend is not None else {}
     if bpe.get("type") != "BPE":
-        raise ExportError("--format gguf: only byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) are written from a "
-                          "Hugging Face directory")
+        raise BadInput("--format gguf: only byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) are written from a "
+                       "Hugging Face directory")
     vocab = tokenizer.get_vocab()
     tokens = [""] * len(vocab)
     for token, index in vocab.items():
@@ -240,8 +237,8 @@ def write_gguf(student, tokenizer, settings: dict, run_config: dict, out: Path) 
     config = student.config
     arch_name = GGUF_ARCHITECTURES.get(config.model_type)
     if arch_name is None:
-        raise ExportError(f"--format gguf supports {', '.join(GGUF_ARCHITECTURES)} models; this one is "
-                          f"{config.model_type} (use --format compressed-tensors)")
+        raise BadInput(f"--format gguf supports {', '.join(GGUF_ARCHITECTURES)} models; this one is "
+                       f"{config.model_type} (use --format compressed-tensors)")
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(out / GGUF_FILE, gguf.MODEL_ARCH_NAMES[arch])
@@ -270,7 +267,7 @@ def write_gguf(student, tokenizer, settings: dict, run_config: dict, out: Path) 
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"--format gguf: no GGUF name for tensor {key}")
+            raise BadInput(f"--format gguf: no GGUF name for tensor {key}")
         module, _, kind = key.rpartition(".")
         permute_heads = None
         if arch_name == "LLAMA" and kind == "weight" and module.endswith(("q_proj", "k_proj")):
@@ -334,28 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool = False) -> Path:
-    from eval import EXPORT_KEY, EvalError, load_student, resolve_checkpoint
     from quant import CONFIG_KEY
 
     if out.exists() and not overwrite:
-        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
-    try:
-        checkpoint = resolve_checkpoint(checkpoint_path)
-        config_file = checkpoint / "config.json"
-        if not config_file.exists() or EXPORT_KEY in json.loads(config_file.read_text()):
-            kind = "compressed-tensors" if config_file.exists() else "gguf"
-            raise ExportError(f"{checkpoint} is already an export ({kind}); export takes a student checkpoint "
-                              f"saved by train.py (checkpoint-N or its run directory)")
-        if checkpoint.resolve().is_relative_to(out.resolve()):
-            raise ExportError(f"--out {out} holds the checkpoint being exported; choose another directory")
-        settings = json.loads(config_file.read_text()).get(CONFIG_KEY)
-        if not settings:
-            raise ExportError(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); export "
-                              f"takes a student checkpoint saved by train.py")
-        check_exportable(settings, export_format)
-        student, tokenizer, settings = load_student(checkpoint)
-    except EvalError as e:
-        raise ExportError(str(e)) from None
+        raise BadInput(f"--out {out} already exists; pass --overwrite to replace it or choose another directory")
+    checkpoint = resolve_checkpoint(checkpoint_path)
+    config_file = checkpoint / "config.json"
+    if not config_file.exists() or EXPORT_KEY in json.loads(config_file.read_text()):
+        kind = "compressed-tensors" if config_file.exists() else "gguf"
+        raise BadInput(f"{checkpoint} is already an export ({kind}); export takes a student checkpoint "
+                       f"saved by train.py (checkpoint-N or its run directory)")
+    if checkpoint.resolve().is_relative_to(out.resolve()):
+        raise BadInput(f"--out {out} holds the checkpoint being exported; choose another directory")
+    settings = json.loads(config_file.read_text()).get(CONFIG_KEY)
+    if not settings:
+        raise BadInput(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); export "
+                       f"takes a student checkpoint saved by train.py")
+    check_exportable(settings, export_format)
+    student, tokenizer, settings = load_student(checkpoint)
     run_config_file = checkpoint / "run_config.json"
     run_config = json.loads(run_config_file.read_text()) if run_config_file.exists() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -388,7 +381,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         export(args.checkpoint, args.format, Path(args.out), args.overwrite)
-    except ExportError as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

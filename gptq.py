@@ -32,16 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from errors import BadInput
 from quant import FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, fake_quantize, frozen_quant
 
 log = logging.getLogger("gptq")
 
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's)
 BLOCK_SIZE = 128  # columns whose updates are applied lazily together (the GPTQ paper's)
-
-
-class GPTQError(ValueError):
-    """Calibration that cannot make a GPTQ start: one line for the user."""
 
 
 # ---------------------------------------------------------------- one group's grid
@@ -230,7 +227,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             if n > count:
                 best, count = module, n
     if best is None:
-        raise GPTQError(f"{type(model).__name__}: no list of decoder layers with quantized linear layers found")
+        raise BadInput(f"{type(model).__name__}: no list of decoder layers with quantized linear layers found")
     return best
 
 
@@ -267,18 +264,18 @@ def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
     model's device); padding never enters a Hessian. Returns a summary for the log."""
     quantized = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     if not quantized:
-        raise GPTQError("--init gptq needs a quantized student (a --quant-type other than none)")
+        raise BadInput("--init gptq needs a quantized student (a --quant-type other than none)")
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     widest = max(m.in_features for m in quantized)
     if tokens < widest:
-        raise GPTQError(f"--init gptq: {tokens} calibration tokens cannot measure a layer with {widest} inputs "
-                        f"(its Hessian would be singular); raise --init-samples")
+        raise BadInput(f"--init gptq: {tokens} calibration tokens cannot measure a layer with {widest} inputs "
+                       f"(its Hessian would be singular); raise --init-samples")
     layers = decoder_layers(model)
     inside = {id(m) for layer in layers for m in layer.modules()}
     outside = [m for m in quantized if id(m) not in inside]
     if outside:
-        raise GPTQError(f"--init gptq: {len(outside)} quantized layers sit outside the decoder layers; "
-                        f"GPTQ here handles decoder stacks only")
+        raise BadInput(f"--init gptq: {len(outside)} quantized layers sit outside the decoder layers; "
+                       f"GPTQ here handles decoder stacks only")
     started, was_training = time.perf_counter(), model.training
     model.eval()
     with torch.no_grad():

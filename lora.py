@@ -67,6 +67,7 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> int:
         layer.lora_B = nn.Parameter(torch.zeros(layer.out_features, settings.r, dtype=weight.dtype,
                                                 device=weight.device))
         layer.lora_scale = settings.scale
+        layer.compose_weight = merged_weight  # what FakeQuantLinear quantizes from now on
     model.lora_settings = settings
     return len(layers)
 

@@ -38,8 +38,8 @@ from torch import nn
 IGNORE_INDEX = -100
 # Default chunk: as many tokens as keep one [chunk, vocab] float32 tensor near 32 MiB,
 # rounded up to a multiple of CHUNK_ROWS (64 tokens at Qwen3's 151,936-token vocabulary,
-# 192 at SmolLM2's 49,152): the fused loss's head GEMMs ran 1.4-1.7x faster per row at
-# 64 rows than at 55 (torch.mm at Qwen3-4B's head, 2 CPU cores).
+# 192 at SmolLM2's 49,152): matrix-product kernels work in tiles of rows, and a row count
+# that fills its last tile wastes none of the fused loss's head products.
 CHUNK_ELEMENTS = 2**23
 CHUNK_ROWS = 32
 
@@ -170,8 +170,8 @@ def _jsd_chunk_student_grad(student_logits, teacher_logits, weights, beta, tempe
 
 def _chunk_buffers(dtypes, rows: int, vocab: int, device) -> list[torch.Tensor]:
     """One [rows, vocab] buffer per dtype, which every chunk of a call reuses: a fresh
-    tensor per chunk costs page faults and fragments the CPU allocator (peak RSS grew by
-    several chunks' worth)."""
+    tensor per chunk costs page faults and fragments the host allocator, whose peak can
+    then hold several chunks' worth instead of one."""
     return [torch.empty(rows, vocab, dtype=dtype, device=device) for dtype in dtypes]
 
 
@@ -248,8 +248,9 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
 
 def _project(hidden, head, product_buffer, out):
     """``hidden @ head.T`` into ``out``, computed as ``head @ hidden.T`` (in the storage of
-    ``product_buffer``, a chunk buffer) and copied back transposed: on CPU that GEMM runs
-    1.1-1.4x faster at chunk sizes, and the copy costs ~2% of it."""
+    ``product_buffer``, a chunk buffer) and copied back transposed: with the vocabulary as
+    the product's rows a CPU GEMM at chunk sizes is the faster shape, and the transposed copy
+    is small beside the product."""
     product = product_buffer.view(-1)[: head.shape[0] * hidden.shape[0]].view(head.shape[0], hidden.shape[0])
     torch.mm(head, hidden.T, out=product)
     return out.copy_(product.T)

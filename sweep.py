@@ -31,6 +31,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from errors import BadInput
+
 log = logging.getLogger("sweep")
 
 ROOT = Path(__file__).resolve().parent
@@ -41,10 +43,6 @@ SHORT_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "grad
 # Fields of a result's "final" entry that the summary aggregates over seeds.
 SUMMARY_METRICS = ("heldout_kl", "heldout_kl_gap_closed", "teacher_nll_of_student", "teacher_nll_gap_closed",
                    "ppl", "ppl_gap_closed", "bench_avg", "bench_gap_closed", "train_min", "tokens_generated")
-
-
-class SweepError(Exception):
-    """Bad input: one line, nothing launched."""
 
 
 # ---------------------------------------------------------------- the grid
@@ -60,16 +58,16 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         key, sep, values = item.partition("=")
         name = aliases.get(key.strip().lstrip("-").replace("-", "_"), key.strip().lstrip("-").replace("-", "_"))
         if not sep or not key:
-            raise SweepError(f"--grid item {item!r} is not KEY=V1,V2,...")
+            raise BadInput(f"--grid item {item!r} is not KEY=V1,V2,...")
         if name not in known:
-            raise SweepError(f"--grid key {key!r} is not a train.py flag (see train.py --help)")
+            raise BadInput(f"--grid key {key!r} is not a train.py flag (see train.py --help)")
         if name in RESERVED - {"seed"}:
-            raise SweepError(f"--grid key {key!r} is set by the sweep for each run; it cannot be swept")
+            raise BadInput(f"--grid key {key!r} is set by the sweep for each run; it cannot be swept")
         if name in grid:
-            raise SweepError(f"--grid key {key!r} is given twice")
+            raise BadInput(f"--grid key {key!r} is given twice")
         listed = [v.strip() for v in values.split(",") if v.strip()]
         if not listed:
-            raise SweepError(f"--grid key {key!r} has no values")
+            raise BadInput(f"--grid key {key!r} has no values")
         grid[name] = listed
     return grid
 
@@ -96,7 +94,7 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
     """Every run of the grid with its train.py arguments, validated by train.py's own parser,
     and what to do with it: 'train', 'resume', 'done', or 'recorded' (no run directory here,
     but a finished result of the same configuration in ``results_dir``: another machine or
-    session ran it). Raises SweepError on the first run train.py would refuse or whose
+    session ran it). Raises BadInput on the first run train.py would refuse or whose
     directory or result holds a different configuration."""
     import itertools
 
@@ -104,12 +102,12 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
 
     for token in train_flags:
         if _flag_name(token) in RESERVED:
-            raise SweepError(f"{token.split('=')[0]} after -- is set by the sweep for each run; use --root for "
-                             f"the output directories and --seeds or --grid seed=... for seeds")
+            raise BadInput(f"{token.split('=')[0]} after -- is set by the sweep for each run; use --root for "
+                           f"the output directories and --seeds or --grid seed=... for seeds")
     try:
         base = train.parse_config(train_flags)
-    except train.Abort as e:
-        raise SweepError(f"train.py flags after --: {e}") from None
+    except BadInput as e:
+        raise BadInput(f"train.py flags after --: {e}") from None
     seed_values = grid.pop("seed", None) or [str(base.seed + i) for i in range(seeds)]
     runs = []
     for combination in itertools.product(*grid.values()):
@@ -118,11 +116,11 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
             try:
                 seed_number = int(seed)
             except ValueError:
-                raise SweepError(f"seed {seed!r} is not an integer") from None
+                raise BadInput(f"seed {seed!r} is not an integer") from None
             name = run_name(values, seed_number)
             if any(r["name"] == name for r in runs):
-                raise SweepError(f"two runs of the grid would both be named {name}; give values that differ "
-                                 f"in more than '/' and '_'")
+                raise BadInput(f"two runs of the grid would both be named {name}; give values that differ "
+                               f"in more than '/' and '_'")
             output_dir = root / name
             argv = [*train_flags]
             for key, value in values.items():
@@ -130,11 +128,11 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
             argv += ["--seed", str(seed_number), "--output_dir", str(output_dir)]
             try:
                 config = train.parse_config(argv)
-            except train.Abort as e:
-                raise SweepError(f"run {name}: {e}") from None
+            except BadInput as e:
+                raise BadInput(f"run {name}: {e}") from None
             model = config.model
             if model and not Path(model).exists() and (model.endswith(".gguf") or model.startswith((".", "/"))):
-                raise SweepError(f"run {name}: model path {model!r} does not exist")
+                raise BadInput(f"run {name}: model path {model!r} does not exist")
             runs.append({"name": name, "values": {**values, "seed": seed_number}, "argv": argv, "config": config,
                          "output_dir": output_dir,
                          "action": run_action(config, output_dir, results_dir and results_dir / f"{name}.json")})
@@ -150,15 +148,15 @@ def run_action(config, output_dir: Path, result_file: Path | None = None) -> str
         recorded = json.loads(result_file.read_text())
         differ = checkpoints.config_differences(recorded["config"], config)
         if differ:
-            raise SweepError(f"{result_file} records a run with a different configuration ({', '.join(differ)}); "
-                             f"remove it or choose another --results")
+            raise BadInput(f"{result_file} records a run with a different configuration ({', '.join(differ)}); "
+                           f"remove it or choose another --results")
         return "recorded" if recorded["final"].get("step", 0) >= config.max_steps else "train"
     saved = output_dir / "run_config.json"
     if saved.exists():
         differ = checkpoints.config_differences(json.loads(saved.read_text()), config)
         if differ:
-            raise SweepError(f"{output_dir} holds a run with a different configuration ({', '.join(differ)}); "
-                             f"remove it or choose another --root")
+            raise BadInput(f"{output_dir} holds a run with a different configuration ({', '.join(differ)}); "
+                           f"remove it or choose another --root")
     latest = checkpoints.latest_checkpoint(output_dir)
     if latest is not None and json.loads((latest / "trainer_state.json").read_text())["step"] >= config.max_steps:
         return "done"
@@ -223,7 +221,7 @@ def bench_average(row: dict, tasks: list[str]) -> tuple[float | None, float | No
 
 
 def final_metrics(curve: list[dict], evaluation: dict | None) -> dict:
-    from eval import gap_closed
+    from report import gap_closed
 
     final = {}
     trained = [r for r in curve if r.get("step", 0) > 0]
@@ -366,10 +364,10 @@ def plot_summary(results: list[dict], out: Path) -> list[Path]:
 
 def load_results(results_dir: Path) -> list[dict]:
     if not results_dir.is_dir():
-        raise SweepError(f"results directory {results_dir} does not exist")
+        raise BadInput(f"results directory {results_dir} does not exist")
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")) if p.name != "summary.json"]
     if not results:
-        raise SweepError(f"no run results (*.json) in {results_dir}")
+        raise BadInput(f"no run results (*.json) in {results_dir}")
     return results
 
 
@@ -409,23 +407,23 @@ def main(argv=None) -> int:
             print(write_summary(Path(args.summarize)))
             return 0
         return sweep(args, train_flags)
-    except SweepError as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def sweep(args, train_flags: list[str]) -> int:
     if not args.grid:
-        raise SweepError("--grid needs at least one KEY=V1,V2 item")
+        raise BadInput("--grid needs at least one KEY=V1,V2 item")
     if args.seeds < 1:
-        raise SweepError(f"--seeds must be >= 1, got {args.seeds}")
+        raise BadInput(f"--seeds must be >= 1, got {args.seeds}")
     if args.eval_flags is not None:
         import eval as evaluation
 
         try:
             evaluation.parse_args(["RUN", *shlex.split(args.eval_flags)])
-        except (evaluation.EvalError, FileNotFoundError) as e:
-            raise SweepError(f"--eval flags {args.eval_flags!r}: {e}") from None
+        except (BadInput, FileNotFoundError) as e:
+            raise BadInput(f"--eval flags {args.eval_flags!r}: {e}") from None
     root = Path(args.root)
     results_dir = Path(args.results) if args.results else root / "results"
     runs = plan_runs(parse_grid(args.grid), args.seeds, train_flags, root, results_dir)

@@ -35,19 +35,23 @@ from pathlib import Path
 
 import torch
 
+from errors import BadInput
+
 log = logging.getLogger("train")
 
 MAX_NONFINITE_IN_A_ROW = 3
 
 
+# Where a default was chosen by an experiment, README.md's table of train.py's flags gives
+# the evidence.
 @dataclass
 class TrainConfig:
     model: str | None = None  # teacher weights (the student starts from them): hub id, dir, .gguf; default embedded
     student_model: str | None = None  # a different starting point for the student (same tokenizer)
     dataset: str | None = None  # hub name or local .json/.jsonl/.parquet; default: the embedded set
     dataset_split: str = "train"
-    lmbda: float = 0.0  # probability that a step is on-policy (student generations); default: RESULTS.md stage 4
-    beta: float = 0.0  # generalized JSD interpolation: 0 forward KL, 1 reverse KL; default: RESULTS.md stage 2
+    lmbda: float = 0.0  # probability that a step is on-policy (student generations)
+    beta: float = 0.0  # generalized JSD interpolation: 0 forward KL, 1 reverse KL
     temperature: float = 0.9  # sampling temperature of the rollouts
     rollout_dtype: str = "float32"  # float32 | bfloat16: the quantized weights the rollouts compute with
     loss_temperature: float = 1.0  # temperature of the distributions the loss compares
@@ -56,12 +60,12 @@ class TrainConfig:
     quant_type: str = "mxfp4"  # mxfp4 | int4 | int4_sym | none
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
     scale_rule: str | None = None  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per
-    # block; the default for mxfp4, RESULTS.md stage 5); INT4 has no scale rule (floor is recorded)
+    # block; the default for mxfp4); INT4 has no scale rule (floor is recorded)
     init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
     gptq_actorder: bool = True  # --init gptq: columns by decreasing Hessian diagonal, grids fixed first (off: natural order)
-    learning_rate: float = 1e-4  # RESULTS.md stage 1 (SmolLM2-135M); the Qwen3-4B presets set their own
+    learning_rate: float = 1e-4  # the Qwen3-4B presets set their own
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -105,7 +109,7 @@ ALIASES = {"learning_rate": ["--lr"], "per_device_train_batch_size": ["--batch-s
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        raise Abort(f"{message} (see train.py --help)")
+        raise BadInput(f"{message} (see train.py --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,15 +135,15 @@ def parse_config(argv=None) -> TrainConfig:
     if cli.get("config"):
         path = Path(cli["config"])
         if not path.exists():
-            raise Abort(f"config file {path} does not exist")
+            raise BadInput(f"config file {path} does not exist")
         try:
             with open(path, "rb") as f:
                 values = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
         except tomllib.TOMLDecodeError as e:
-            raise Abort(f"config file {path} is not valid TOML ({e})") from None
+            raise BadInput(f"config file {path} is not valid TOML ({e})") from None
         unknown = set(values) - {f.name for f in fields(TrainConfig)}
         if unknown:
-            raise Abort(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+            raise BadInput(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
         values = {k: _typed(path, k, v) for k, v in values.items()}
     values.update(cli)
     config = TrainConfig(**values)
@@ -149,20 +153,16 @@ def parse_config(argv=None) -> TrainConfig:
     return config
 
 
-class Abort(Exception):
-    """Bad input or a run that cannot go on: reported as one line, non-zero exit."""
-
-
 _TOML_KINDS = {"bool": (bool, "true or false"), "int": (int, "an integer"), "float": (float, "a number"),
                "str": (str, "a quoted string")}
 
 
 def _typed(path: Path, key: str, value):
     """A TOML value as the field's type (an integer where a float is expected is fine), or an
-    Abort naming the key: the command line's parser checks flags, nothing checks a file."""
+    BadInput naming the key: the command line's parser checks flags, nothing checks a file."""
     kind, meaning = _TOML_KINDS[TrainConfig.__dataclass_fields__[key].type.removesuffix(" | None")]
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
-        raise Abort(f"{path}: {key} must be {meaning}, got {value!r}")
+        raise BadInput(f"{path}: {key} must be {meaning}, got {value!r}")
     return float(value) if kind is float else value
 
 
@@ -172,64 +172,64 @@ def validate(c: TrainConfig) -> None:
     for f in fields(TrainConfig):  # nan passes every comparison below, inf most: refuse both first
         value = getattr(c, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise Abort(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+            raise BadInput(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("lmbda", "beta"):
         value = getattr(c, name)
         if not 0.0 <= value <= 1.0:
-            raise Abort(f"--{name} must be in [0, 1], got {value}")
+            raise BadInput(f"--{name} must be in [0, 1], got {value}")
     for name, allowed in CHOICES.items():  # a TOML file bypasses argparse's choices
         if getattr(c, name) not in allowed:
-            raise Abort(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
+            raise BadInput(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
     if c.scale_rule is not None and c.scale_rule not in SCALE_RULES:
-        raise Abort(f"--scale-rule must be one of {', '.join(SCALE_RULES)}, got {c.scale_rule!r}")
+        raise BadInput(f"--scale-rule must be one of {', '.join(SCALE_RULES)}, got {c.scale_rule!r}")
     if c.scale_rule not in (None, "floor") and c.quant_type != "mxfp4":
-        raise Abort(f"--scale-rule {c.scale_rule} chooses MXFP4 block exponents; {c.quant_type} has no such "
-                    f"choice (drop the flag)")
+        raise BadInput(f"--scale-rule {c.scale_rule} chooses MXFP4 block exponents; {c.quant_type} has no such "
+                       f"choice (drop the flag)")
     for name in ("temperature", "loss_temperature", "learning_rate"):
         if not getattr(c, name) > 0:
-            raise Abort(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
     if c.resume and c.overwrite:
-        raise Abort("--resume continues the run in --output_dir and --overwrite deletes it: pass one of them")
+        raise BadInput("--resume continues the run in --output_dir and --overwrite deletes it: pass one of them")
     for name in ("save_steps", "save_total_limit", "stop_after", "eval_steps"):
         if getattr(c, name) < 0:
-            raise Abort(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if c.max_steps < 0:
-        raise Abort(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
+        raise BadInput(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
     if c.init == "gptq" and c.quant_type == "none":
-        raise Abort("--init gptq quantizes the student's start; it needs a --quant-type other than none")
+        raise BadInput("--init gptq quantizes the student's start; it needs a --quant-type other than none")
     if c.init_samples < 1:
-        raise Abort(f"--init-samples must be >= 1, got {c.init_samples}")
+        raise BadInput(f"--init-samples must be >= 1, got {c.init_samples}")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                  "max_new_tokens", "min_completion_tokens"):
         if getattr(c, name) < 1:
-            raise Abort(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
     if c.teacher_dtype not in ("float32", "bfloat16", "float16"):
-        raise Abort(f"--teacher-dtype must be float32, bfloat16 or float16, got {c.teacher_dtype!r}")
+        raise BadInput(f"--teacher-dtype must be float32, bfloat16 or float16, got {c.teacher_dtype!r}")
     if c.rollout_dtype not in ("float32", "bfloat16"):
-        raise Abort(f"--rollout-dtype must be float32 or bfloat16, got {c.rollout_dtype!r}")
+        raise BadInput(f"--rollout-dtype must be float32 or bfloat16, got {c.rollout_dtype!r}")
     if c.mixed_precision not in ("no", "bf16"):
-        raise Abort(f"--mixed-precision must be no or bf16, got {c.mixed_precision!r} (fp16 cannot hold every "
-                    f"MXFP4 scale, and its loss scaling is not worth it where bf16 exists)")
+        raise BadInput(f"--mixed-precision must be no or bf16, got {c.mixed_precision!r} (fp16 cannot hold every "
+                       f"MXFP4 scale, and its loss scaling is not worth it where bf16 exists)")
     if c.log_with not in ("none", "tensorboard", "wandb"):
-        raise Abort(f"--log-with must be none, tensorboard or wandb, got {c.log_with!r}")
+        raise BadInput(f"--log-with must be none, tensorboard or wandb, got {c.log_with!r}")
     if c.log_with != "none" and importlib.util.find_spec(c.log_with) is None:
-        raise Abort(f"--log-with {c.log_with} needs the {c.log_with} package, which is not installed: "
-                    f"uv pip install {c.log_with} (or log nothing; metrics.jsonl is always written)")
+        raise BadInput(f"--log-with {c.log_with} needs the {c.log_with} package, which is not installed: "
+                       f"uv pip install {c.log_with} (or log nothing; metrics.jsonl is always written)")
     if c.weight_decay < 0:
-        raise Abort(f"--weight-decay must be >= 0, got {c.weight_decay}")
+        raise BadInput(f"--weight-decay must be >= 0, got {c.weight_decay}")
     if c.max_grad_norm < 0:
-        raise Abort(f"--max-grad-norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
+        raise BadInput(f"--max-grad-norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
     if c.lora_r < 0:
-        raise Abort(f"--lora-r must be >= 1 (or 0: no LoRA, all weights train), got {c.lora_r}")
+        raise BadInput(f"--lora-r must be >= 1 (or 0: no LoRA, all weights train), got {c.lora_r}")
     if c.lora_dropout != 0:
-        raise Abort(f"--lora-dropout must be 0, got {c.lora_dropout}: a dropout on the adapter's input has no "
-                    f"merged weight, so the 4-bit model would not compute what was trained")
+        raise BadInput(f"--lora-dropout must be 0, got {c.lora_dropout}: a dropout on the adapter's input has no "
+                       f"merged weight, so the 4-bit model would not compute what was trained")
     if c.lora_alpha is not None and not c.lora_alpha > 0:
-        raise Abort(f"--lora-alpha must be > 0, got {c.lora_alpha}")
+        raise BadInput(f"--lora-alpha must be > 0, got {c.lora_alpha}")
     if c.lora_r and c.quant_type == "none":
-        raise Abort("--lora-r adapts the fake-quantized layers; it needs a --quant-type other than none")
+        raise BadInput("--lora-r adapts the fake-quantized layers; it needs a --quant-type other than none")
     if not 0 <= c.warmup_ratio < 1:
-        raise Abort(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
+        raise BadInput(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
     if c.do_eval or c.eval_args:  # now, not after hours of training
         check_eval_args(c.eval_args)
 
@@ -241,8 +241,8 @@ def check_eval_args(eval_args: str) -> None:
 
     try:
         evaluation.parse_args(["CHECKPOINT", *shlex.split(eval_args)])
-    except (ValueError, evaluation.EvalError, FileNotFoundError) as e:  # ValueError: shlex's unclosed quote
-        raise Abort(f"--eval-args {eval_args!r}: {e}") from None
+    except (ValueError, FileNotFoundError) as e:  # ValueError: shlex's unclosed quote
+        raise BadInput(f"--eval-args {eval_args!r}: {e}") from None
 
 
 def default_output_dir(c: TrainConfig) -> str:
@@ -268,8 +268,8 @@ def load_teacher_and_student(c: TrainConfig):
     if c.student_model or dtype != torch.float32:
         student, student_tokenizer = load_model(c.student_model or c.model, dtype=torch.float32)
         if student_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise Abort(f"teacher {c.model or 'embedded'} and student {c.student_model} use different "
-                        f"tokenizers; distillation needs the same vocabulary")
+            raise BadInput(f"teacher {c.model or 'embedded'} and student {c.student_model} use different "
+                           f"tokenizers; distillation needs the same vocabulary")
     else:
         student = copy.deepcopy(teacher)
     prepare_student(student, c)
@@ -286,7 +286,8 @@ def prepare_student(student, c: TrainConfig) -> None:
     disable_dropout(student)
     if c.gradient_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
-            raise Abort(f"--gradient-checkpointing: {type(student).__name__} does not support gradient checkpointing")
+            raise BadInput(f"--gradient-checkpointing: {type(student).__name__} does not support gradient "
+                           f"checkpointing")
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 names it so
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -304,7 +305,7 @@ def prepare_student(student, c: TrainConfig) -> None:
         try:
             count = add_lora(student, settings)
         except ValueError as e:
-            raise Abort(str(e)) from None
+            raise BadInput(str(e)) from None
         record_settings(student, dataclasses.replace(student.quant_settings, lora=settings.to_dict()))
         log.info("student: rank-%d adapters in %d layers (scale %g), every other weight frozen", settings.r, count,
                  settings.scale)
@@ -324,7 +325,7 @@ def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None
         chosen = examples_in_use_order(records, tokenizer, c.max_length, min(c.init_samples, len(records)),
                                        c.seed, c.min_completion_tokens, need_completions=True)
     except ValueError as e:
-        raise Abort(f"--init gptq calibrates on prompts with their completions: {e}") from None
+        raise BadInput(f"--init gptq calibrates on prompts with their completions: {e}") from None
     chosen = list({id(e): e for e in chosen}.values())  # a filtered record can bring a second epoch's repeats
     if len(chosen) < c.init_samples:
         log.info("--init gptq: the dataset holds %d usable sequences; calibrating on all of them", len(chosen))
@@ -378,32 +379,33 @@ def main(argv=None) -> int:
         c = parse_config(argv)
         c.output_dir = c.output_dir or default_output_dir(c)
         return train(c)
-    except Abort as e:  # bad input: one line, nothing written (a bug keeps its traceback)
+    except BadInput as e:  # bad input: one line, nothing written (a bug keeps its traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def set_up(c: TrainConfig) -> Run:
     """Models, data, optimizer and the output directory; the state of the checkpoint being
-    resumed. What the run cannot use (a model, dataset or directory) is an Abort."""
+    resumed. What the run cannot use (a model, dataset or directory) is an BadInput."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from transformers import get_cosine_schedule_with_warmup
 
     import checkpoints
     from data import examples_in_use_order, load_records
-    from eval import heldout_examples
+    from heldout import heldout_examples
     from losses import DistillationLoss
 
     if c.mixed_precision == "bf16" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise Abort("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
-                    "themselves, so the quantizer would train on bf16-rounded weights and the checkpoint would hold "
-                    "another function; run FSDP with --mixed-precision no (mixed_precision: 'no' in its config)")
+        raise BadInput("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
+                       "themselves, so the quantizer would train on bf16-rounded weights and the checkpoint would hold "
+                       "another function; run FSDP with --mixed-precision no (mixed_precision: 'no' in its config)")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
     if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's
-        raise Abort(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or --mixed_precision) "
-                    f"but train.py's --mixed-precision is {c.mixed_precision}; train.py's flag decides: pass "
-                    f"--mixed-precision {launcher_precision} or launch with --mixed_precision {c.mixed_precision}")
+        raise BadInput(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or "
+                       f"--mixed_precision) but train.py's --mixed-precision is {c.mixed_precision}; train.py's flag "
+                       f"decides: pass --mixed-precision {launcher_precision} or launch with --mixed_precision "
+                       f"{c.mixed_precision}")
     try:  # input errors; anything raised later is a bug and keeps its traceback
         resume_from = checkpoints.checkpoint_to_resume(c)
         accelerator = Accelerator(log_with=None if c.log_with == "none" else c.log_with, project_dir=c.output_dir,
@@ -421,8 +423,8 @@ def set_up(c: TrainConfig) -> Run:
                                          c.min_completion_tokens, need_completions=need_completions)
         eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
                          if c.eval_steps else [])
-    except (ValueError, FileNotFoundError, ConnectionError) as e:  # GPTQError is a ValueError
-        raise Abort(str(e)) from None
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # BadInput is a ValueError too
+        raise BadInput(str(e)) from None
 
     trained = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters
     decay = [p for p in trained if p.dim() >= 2]
@@ -443,10 +445,7 @@ def set_up(c: TrainConfig) -> Run:
               loss, examples, eval_examples, start_step=0,
               totals={"train_s": 0.0, "tokens_generated": 0, "on_policy_steps": 0, "heldout_kl_step0": None})
     if resume_from is not None:
-        try:
-            state = checkpoints.load(accelerator, resume_from)
-        except checkpoints.CheckpointError as e:
-            raise Abort(str(e)) from None
+        state = checkpoints.load(accelerator, resume_from)
         run.start_step, run.resumed_from = state["step"], resume_from
         run.totals.update({k: state[k] for k in run.totals if k in state})
         if "on_policy_steps" not in state:  # a checkpoint from before the count was saved
@@ -484,25 +483,18 @@ def step_examples(run: Run, step: int, slot: int) -> list:
 
 
 def rollout(run: Run, model, prompts: list[list[int]], seed: int) -> list[list[int]]:
-    """Sampled completions of ``prompts`` (up to and including a stop token). Under FSDP
-    with several processes every process decodes until all are done (``synced_gpus``):
-    each forward gathers the sharded weights from all of them."""
+    """Completions of ``prompts`` sampled at ``--temperature`` (rollout.py). Under FSDP with
+    several processes every process decodes until all are done (``synced_gpus``): each
+    forward gathers the sharded weights from all of them."""
     from accelerate.utils import DistributedType
 
-    from data import completions_from_generation, left_padded_prompts
-    from models import sampling
+    from rollout import generate_completions
 
     accelerator, c = run.accelerator, run.c
-    batch = {k: v.to(accelerator.device) for k, v in left_padded_prompts(prompts, run.tokenizer.pad_token_id).items()}
     synced = accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
-    torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), sampling(model, run.tokenizer, do_sample=True, temperature=c.temperature,
-                                   max_new_tokens=c.max_new_tokens) as config:
-        generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
-    model.train(was_training)
-    return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)
+    return generate_completions(model, run.tokenizer, prompts, accelerator.device, do_sample=True,
+                                temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=seed,
+                                synced_gpus=synced)
 
 
 def step_batches(run: Run, step: int, on_policy: bool) -> tuple[list[dict], int, float]:
@@ -569,7 +561,7 @@ def optimizer_step(run: Run) -> None:
 def heldout_kl(run: Run) -> dict:
     """Held-out KL(teacher || student) per token, teacher-forced, and the fraction of its
     step-0 value closed; each process scores a share of the examples and the sums are added."""
-    from eval import KL_BATCH, heldout_kl_sums
+    from heldout import KL_BATCH, heldout_kl_sums
     from quant import frozen_quant
 
     accelerator, model = run.accelerator, run.student_model
@@ -656,8 +648,8 @@ def train(c: TrainConfig) -> int:
                     log.warning("step %d: non-finite %s, step skipped", step,
                                 f"gradient norm ({grad_norm})" if torch.isfinite(loss) else f"loss ({loss.item()})")
                     if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        raise Abort(f"{nonfinite_in_a_row} non-finite losses or gradient norms in a row at step "
-                                    f"{step}: training diverged; lower --learning-rate or check the data")
+                        raise BadInput(f"{nonfinite_in_a_row} non-finite losses or gradient norms in a row at step "
+                                       f"{step}: training diverged; lower --learning-rate or check the data")
                 else:
                     optimizer_step(run)
                 run.optimizer.zero_grad(set_to_none=True)

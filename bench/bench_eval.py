@@ -5,7 +5,7 @@
    default (16) must not be more than 20% slower than the best fixed size.
 2. With --embedded: `eval.py --embedded`'s held-out metrics of the MXFP4 round-to-nearest
    student (held-out KL, greedy completions, the teacher's NLL of them) with greedy
-   decoding in batches of each of --embedded-batches (default eval.EMBEDDED_BATCH; 8 was
+   decoding in batches of each of --embedded-batches (default heldout.EMBEDDED_BATCH; 8 was
    the former default), median seconds, and the teacher-forced KL's share of them.
 3. With --scoring: each of the five tasks and wikitext at --limit items on the embedded
    teacher, scored by stock lm-eval HFLM and by eval.py's continuation-only scoring
@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench_quant import timed  # noqa: E402
-from eval import run_lm_eval  # noqa: E402
+from harness import run_lm_eval  # noqa: E402
 from models import load_model  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def main():
 def time_scoring(model, tokenizer, args) -> None:
     from lm_eval.models.huggingface import HFLM
 
-    from eval import PERPLEXITY_TASK, TASKS, continuation_scoring_lm, lm_eval_output
+    from harness import PERPLEXITY_TASK, TASKS, continuation_scoring_lm, lm_eval_output
 
     print(f"lm-eval scoring, embedded teacher, --limit {args.limit}, batch 16, max length 2048, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
@@ -142,7 +142,7 @@ def arithmetic_bound(repeats: int, batch: int = 2, length: int = 2048) -> None:
 def time_embedded(repeats: int, batches: str | None) -> None:
     import copy
 
-    from eval import EMBEDDED_BATCH, embedded_eval, heldout_examples, heldout_kl_sums
+    from heldout import EMBEDDED_BATCH, embedded_eval, heldout_examples, heldout_kl_sums
     from quant import frozen_quant, quantize_model
 
     teacher, tokenizer = load_model()

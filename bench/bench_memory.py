@@ -17,7 +17,7 @@ allocator's reserved memory plays the part of the resident memory that freed ten
     uv run python bench/bench_memory.py [--variants "full,LoRA r32 + grad ckpt"] [--depths 1 2] [--batch 4] [--length 1024]
 
 Each measurement is written to ``results/bench/memory.json`` as it lands and reused by the
-next run (3 to 7 minutes a process here, two per variant, much longer for bf16 on a CPU
+next run (minutes a process on a CPU, two per variant, much longer for bf16 on a CPU
 without bf16 instructions): interrupt it and run it again.
 
 Variants: full-parameter or LoRA r32 (all linear layers), each without and with gradient
@@ -142,7 +142,7 @@ def main() -> None:
                 cmd += ["--gc"] * v["gc"] + ["--bf16"] * v["bf16"]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
                 measured[key] = json.loads(out.strip().splitlines()[-1])
-                # Each measurement is kept as it lands: the whole table takes hours on 2 cores.
+                # Each measurement is kept as it lands: the whole table can take hours.
                 results.parent.mkdir(parents=True, exist_ok=True)
                 tmp = results.with_suffix(".tmp")
                 tmp.write_text(json.dumps(measured, indent=1, sort_keys=True) + "\n")

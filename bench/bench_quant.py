@@ -1,4 +1,4 @@
-"""Cost of fake quantization on the embedded model (2 CPU cores in the README figures).
+"""Cost of fake quantization on the embedded model.
 
 1. Generation, 4 prompts x 64 new tokens (greedy): the fake-quant student inside the
    rollout cache (`frozen_quant`) against the same model unquantized, against the

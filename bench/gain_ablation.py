@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval import heldout_examples, heldout_kl_sums, ptq_baseline  # noqa: E402
+from eval import ptq_baseline  # noqa: E402
+from heldout import heldout_examples, heldout_kl_sums  # noqa: E402
 from models import load_model  # noqa: E402
 from quant import FakeQuantLinear, frozen_quant  # noqa: E402
 

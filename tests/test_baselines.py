@@ -10,6 +10,8 @@ import torch
 from conftest import tiny_model
 
 import eval as evaluation
+import students
+from errors import BadInput
 
 GROUP = 64
 
@@ -58,8 +60,8 @@ def test_a_foreign_w4a16_g64_checkpoint_is_a_row_with_its_settings_and_packed_we
     expected = write_foreign_checkpoint(checkpoint, embedded_tokenizer)
     config = json.loads((checkpoint / "config.json").read_text())
     assert "qakd_quantization" not in config and "fake_quant" not in config
-    assert evaluation.resolve_checkpoint(str(checkpoint)) == checkpoint
-    model, _, settings = evaluation.load_student(checkpoint)
+    assert students.resolve_checkpoint(str(checkpoint)) == checkpoint
+    model, _, settings = students.load_student(checkpoint)
     assert settings == {"quant_type": "int4_sym", "group_size": 64, "scale_rule": "floor", "skip": ["lm_head"]}
     for name, weight in expected.items():  # unpacked by compressed-tensors, bit for bit
         assert model.get_submodule(name).weight.dtype == torch.float32
@@ -73,7 +75,7 @@ def test_llm_compressors_mxfp4a16_preset_maps_to_mxfp4():
 
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("MXFP4A16", ["Linear"])},
                                 format="mxfp4-pack-quantized", ignore=["lm_head"]).to_dict()
-    assert evaluation.compressed_tensors_settings(json.loads(json.dumps(config, default=str)), Path("x")) == {
+    assert students.compressed_tensors_settings(json.loads(json.dumps(config, default=str)), Path("x")) == {
         "quant_type": "mxfp4", "group_size": None, "scale_rule": "floor", "skip": ["lm_head"]}
 
 
@@ -90,7 +92,7 @@ def test_what_has_no_qakd_equivalent_is_refused_in_one_line(preset, message):
 
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
                                 ignore=["lm_head"]).to_dict()
-    with pytest.raises(evaluation.EvalError) as error:
-        evaluation.compressed_tensors_settings(json.loads(json.dumps(config, default=str)), Path("ckpt"))
+    with pytest.raises(BadInput) as error:
+        students.compressed_tensors_settings(json.loads(json.dumps(config, default=str)), Path("ckpt"))
     assert message in str(error.value) and "has no qakd equivalent" in str(error.value)
     assert len(str(error.value).splitlines()) == 1

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from data import (build_batch, completions_from_generation, detect_schema, left_padded_prompts, load_records,
-                  prepare_examples)
+from data import build_batch, detect_schema, load_records, prepare_examples
+from rollout import completions_from_generation, left_padded_prompts
 
 EOS = 2
 PAD = EOS  # the embedded model pads with its EOS token

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import eval as evaluation
+import harness
+import report
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
@@ -68,31 +70,31 @@ def test_paired_comparison_matches_an_exact_mcnemar_test():
 
     a = [1, 0, 1, 1, 0, 0, 1, 0, 1, 0] * 6
     b = [1, 1, 1, 1, 1, 0, 1, 1, 1, 0] * 6
-    stats = evaluation.paired_comparison(a, b)
+    stats = report.paired_comparison(a, b)
     assert stats["diff"] == pytest.approx(100 * (sum(b) - sum(a)) / len(a))
     assert (stats["a_only"], stats["b_only"]) == (0, 18)
     assert stats["p_value"] == pytest.approx(binomtest(0, 18, 0.5).pvalue, rel=1e-9)
     assert stats["ci_low"] < stats["diff"] < stats["ci_high"]
-    assert evaluation.verdict("A", "B", stats).startswith("B better than A by 30.00")
-    same = evaluation.paired_comparison(a, a)
-    assert same["p_value"] == 1.0 and evaluation.verdict("A", "B", same).startswith("no significant difference")
+    assert report.verdict("A", "B", stats).startswith("B better than A by 30.00")
+    same = report.paired_comparison(a, a)
+    assert same["p_value"] == 1.0 and report.verdict("A", "B", same).startswith("no significant difference")
 
 
 def test_perplexity_batch_keeps_its_logits_within_the_budget():
-    assert evaluation.perplexity_batch_size(16, 2048, 151_936) == 1  # Qwen3: one window at a time
-    assert evaluation.perplexity_batch_size(16, 2048, 49_152) == 2  # SmolLM2
-    assert evaluation.perplexity_batch_size(16, 128, 1000) == 16  # small: the requested batch
-    assert evaluation.perplexity_batch_size("auto", 2048, 151_936) == "auto"
+    assert harness.perplexity_batch_size(16, 2048, 151_936) == 1  # Qwen3: one window at a time
+    assert harness.perplexity_batch_size(16, 2048, 49_152) == 2  # SmolLM2
+    assert harness.perplexity_batch_size(16, 128, 1000) == 16  # small: the requested batch
+    assert harness.perplexity_batch_size("auto", 2048, 151_936) == "auto"
     for vocab in (1000, 49_152, 151_936):
-        batch = evaluation.perplexity_batch_size(64, 2048, vocab)
-        assert batch == 1 or 2 * 4 * batch * 2048 * vocab <= evaluation.PERPLEXITY_LOGITS_BYTES
+        batch = harness.perplexity_batch_size(64, 2048, vocab)
+        assert batch == 1 or 2 * 4 * batch * 2048 * vocab <= harness.PERPLEXITY_LOGITS_BYTES
 
 
 def test_local_task_configs_override_only_the_data_source(tiny_benchmarks):
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    include, names = evaluation.write_local_tasks(tiny_benchmarks, ["arc_challenge", "hellaswag", "mmlu"])
-    upstream = evaluation._lm_eval_task_dir()
+    include, names = harness.write_local_tasks(tiny_benchmarks, ["arc_challenge", "hellaswag", "mmlu"])
+    upstream = harness._lm_eval_task_dir()
     data_keys = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
                  "validation_split", "test_split"}
     for ours, theirs in ((include / "local_arc_challenge.yaml", upstream / "arc" / "arc_challenge.yaml"),
@@ -132,7 +134,7 @@ def test_real_lm_eval_tasks_read_the_shared_local_copies(tiny_checkpoint):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    results = evaluation.run_lm_eval(model, tokenizer, ["arc_challenge", "winogrande", "hellaswag"], SHARED_DATA,
+    results = harness.run_lm_eval(model, tokenizer, ["arc_challenge", "winogrande", "hellaswag"], SHARED_DATA,
                                      limit=3, num_fewshot=0, batch_size=4, max_length=256)
     for task in ("arc_challenge", "winogrande", "hellaswag"):
         assert len(results[task]["items"]) == 3 and 0 <= results[task]["acc"] <= 1
@@ -158,15 +160,17 @@ def test_embedded_eval_is_zero_for_the_teacher_and_positive_for_its_4bit_self(ti
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from heldout import embedded_eval
+
     teacher = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    same = evaluation.embedded_eval(teacher, copy.deepcopy(teacher), tokenizer, max_new_tokens=4, limit=4)
+    same = embedded_eval(teacher, copy.deepcopy(teacher), tokenizer, max_new_tokens=4, limit=4)
     assert same["heldout_kl"] == pytest.approx(0.0, abs=1e-6) and same["teacher_nll_of_student"] > 0
     student = evaluation.ptq_baseline(teacher, {"quant_type": "int4_sym", "group_size": 32})
-    quantized = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
+    quantized = embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4)
     assert quantized["heldout_kl"] > 1e-6
     # decoding the prompts one by one (no padding) or all together gives the same metrics
-    alone = evaluation.embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4, batch_size=1)
+    alone = embedded_eval(teacher, student, tokenizer, max_new_tokens=4, limit=4, batch_size=1)
     assert alone == pytest.approx(quantized, rel=1e-5)
 
 
@@ -220,12 +224,12 @@ def test_continuation_scoring_gives_stock_hflm_scores_and_skips_the_context_posi
         return output
 
     model.forward = recording_forward
-    tasks = list(evaluation.TASKS) + [evaluation.PERPLEXITY_TASK]
+    tasks = list(harness.TASKS) + [harness.PERPLEXITY_TASK]
     outputs = {}
-    for name, make in (("stock", HFLM), ("ours", evaluation.continuation_scoring_lm)):
+    for name, make in (("stock", HFLM), ("ours", harness.continuation_scoring_lm)):
         kept.clear()
         lm = make(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=256)
-        outputs[name] = evaluation.lm_eval_output(lm, tasks, data_dir, limit=2, num_fewshot=0)[0]
+        outputs[name] = harness.lm_eval_output(lm, tasks, data_dir, limit=2, num_fewshot=0)[0]
     assert scored_samples(outputs["ours"]) == scored_samples(outputs["stock"])  # every log-likelihood, bit for bit
     assert outputs["ours"]["results"] == outputs["stock"]["results"]
     # Multiple-choice requests ran the head on fewer positions than their inputs have; wikitext's

@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 import eval as evaluation
 import export
+import students
 from quant import FakeQuantLinear, fake_quantize, quantize_model
 
 
@@ -32,7 +33,7 @@ def make_student(path: Path, tokenizer, arch="llama", quant_type="mxfp4", scale_
 
 
 def student_of(checkpoint: Path):
-    return evaluation.load_student(checkpoint)[0]
+    return students.load_student(checkpoint)[0]
 
 
 def prompts(vocab: int, seed=0):

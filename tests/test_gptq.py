@@ -168,7 +168,7 @@ def gptq_args(tiny_checkpoint, chat_dataset, output_dir, *extra):
 @pytest.mark.parametrize("order", ["--gptq-actorder", "--no-gptq-actorder"])
 def test_max_steps_zero_saves_the_gptq_start_as_a_student_that_beats_rounding(tmp_path, tiny_checkpoint,
                                                                               chat_dataset, order):
-    from eval import load_student
+    from students import load_student
     from safetensors.torch import load_file
 
     out = tmp_path / "gptq"

@@ -73,7 +73,7 @@ def lora_run(tiny_checkpoint, chat_dataset, out, *extra):
 
 def test_a_lora_checkpoint_is_the_merged_student_that_computes_the_trained_function(tmp_path, tiny_checkpoint,
                                                                                    chat_dataset):
-    import eval as evaluation
+    import students
 
     out = tmp_path / "run"
     argv = lora_run(tiny_checkpoint, chat_dataset, out, "--max-steps", "3")
@@ -88,7 +88,7 @@ def test_a_lora_checkpoint_is_the_merged_student_that_computes_the_trained_funct
     _, trained, _ = train.load_teacher_and_student(train.parse_config(argv))
     checkpoints.load_weights(trained, checkpoint)
     assert any(p.abs().max() > 0 for n, p in trained.named_parameters() if n.endswith("lora_B"))
-    deployed, _, settings = evaluation.load_student(checkpoint)
+    deployed, _, settings = students.load_student(checkpoint)
     assert settings["lora"]["r"] == 4
     teacher = load_file(tiny_checkpoint / "model.safetensors")
     for name, tensor in saved.items():  # only the adapted weights moved

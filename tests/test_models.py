@@ -35,7 +35,7 @@ def test_rollouts_stop_at_the_models_end_tokens_and_take_nothing_else_from_its_g
         embedded_tokenizer):
     from conftest import tiny_model
 
-    from models import sampling, stop_token_ids
+    from rollout import sampling, stop_token_ids
 
     model = tiny_model("llama", vocab_size=len(embedded_tokenizer))
     model.generation_config.update(eos_token_id=[7, 9], repetition_penalty=1.3, top_k=3, top_p=0.5, min_p=0.2,

@@ -11,6 +11,7 @@ import pytest
 import checkpoints
 import sweep
 import train
+from errors import BadInput
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +112,7 @@ def test_interrupted_runs_resume_and_the_committed_results_summarize_alone(tmp_p
     # ...unless the run asked for is another one
     assert [r["action"] for r in sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, flags[:-1] + ["3"], root,
                                                  committed)] == ["train"]
-    with pytest.raises(sweep.SweepError, match="records a run with a different configuration \\(beta\\)"):
+    with pytest.raises(BadInput, match="records a run with a different configuration \\(beta\\)"):
         sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, [*flags, "--beta", "0.9"], root, committed)
 
 
@@ -217,7 +218,7 @@ def test_a_grid_value_with_a_slash_names_a_flat_run_directory(tmp_path, chat_dat
     runs = sweep.plan_runs({"dataset": [str(chat_dataset), str(other)]}, 1, ["--max-steps", "1"], tmp_path / "root")
     assert [r["output_dir"].parent for r in runs] == [tmp_path / "root"] * 2
     assert len({r["name"] for r in runs}) == 2 and not any("/" in r["name"] for r in runs)
-    with pytest.raises(sweep.SweepError, match="would both be named"):
+    with pytest.raises(BadInput, match="would both be named"):
         sweep.plan_runs({"dataset": ["a/b", "a_b"]}, 1, ["--max-steps", "1"], tmp_path / "root")
 
 

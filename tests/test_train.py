@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import checkpoints
 import train
+from errors import BadInput
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
 def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_key(tmp_path, line, message):
     config = tmp_path / "run.toml"
     config.write_text(line + "\n")
-    with pytest.raises(train.Abort, match=f"^{config}: {message}$"):
+    with pytest.raises(BadInput, match=f"^{config}: {message}$"):
         train.parse_config(["--config", str(config)])
 
 
@@ -112,7 +113,7 @@ def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing
 
 
 def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
-    assert train.parse_config([]).scale_rule == "mse"  # RESULTS.md stage 5
+    assert train.parse_config([]).scale_rule == "mse"
     assert train.parse_config(["--scale-rule", "floor"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4_sym"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4", "--scale-rule", "floor"]).scale_rule == "floor"
@@ -457,7 +458,7 @@ def test_heldout_kl_runs_as_many_student_forwards_on_every_process_and_the_sums_
     assert [count for count, _ in per_rank] == [2] * 8
     assert heldout(1, 0)[0] == 10  # one process alone: 38 examples, batches of 4
     # the filler forwards add nothing: the shares' KL sums add up to one process's
-    from eval import heldout_kl_sums
+    from heldout import heldout_kl_sums
 
     sums = [heldout_kl_sums(teacher, student, examples[rank::8], 0, 64, forward_batches=2, filler=examples[0])
             for rank in range(8)]
@@ -805,5 +806,5 @@ def test_every_preset_parses_and_trains_a_student_export_can_ship(preset):
     import export
 
     c = train.parse_config(["--config", str(preset)])
-    train.validate(c)  # raises Abort on a value train.py would refuse
+    train.validate(c)  # raises BadInput on a value train.py would refuse
     export.check_exportable({"quant_type": c.quant_type}, "compressed-tensors")

@@ -1,0 +1,135 @@
+"""What eval.py reports: the results table, the chart, and the paired comparison of two rows.
+
+Every metric is also given as the fraction of the ``ptq`` -> ``teacher`` gap a row closed
+(``gap_closed``; sweep.py summarises runs with it too). ``--compare A B`` pairs the two
+rows' per-item results: a paired bootstrap confidence interval of the difference and
+McNemar's exact test on the discordant items.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+from errors import BadInput
+from harness import PERPLEXITY_TASK
+
+
+def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
+    """B - A on the same items: mean difference in points, a paired bootstrap 95% CI, and
+    McNemar's exact two-sided p-value on the discordant pairs."""
+    if len(a) != len(b) or not a:
+        raise BadInput(f"cannot pair {len(a)} items with {len(b)}: evaluate both with the same tasks and --limit")
+    diffs = [y - x for x, y in zip(a, b)]
+    n = len(diffs)
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    b_only, a_only = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    discordant = a_only + b_only
+    tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1)) / 2**discordant if discordant else 1.0
+    return {"diff": 100 * sum(diffs) / n, "ci_low": 100 * means[int(0.025 * resamples)],
+            "ci_high": 100 * means[int(0.975 * resamples) - 1], "p_value": min(1.0, 2 * tail), "n": n,
+            "a_only": a_only, "b_only": b_only}
+
+
+def verdict(name_a: str, name_b: str, stats: dict, alpha: float = 0.05) -> str:
+    half = (stats["ci_high"] - stats["ci_low"]) / 2
+    if stats["p_value"] >= alpha:
+        return (f"no significant difference ({name_b} - {name_a} = {stats['diff']:+.2f} +- {half:.2f} points, "
+                f"p = {stats['p_value']:.2g}, n = {stats['n']})")
+    better, worse = (name_b, name_a) if stats["diff"] > 0 else (name_a, name_b)
+    return f"{better} better than {worse} by {abs(stats['diff']):.2f} +- {half:.2f} points, p = {stats['p_value']:.2g}"
+
+
+def average(row: dict, tasks: list[str]) -> float | None:
+    values = [row[t]["acc"] for t in tasks if t in row and "acc" in row[t]]
+    return sum(values) / len(values) if len(values) == len(tasks) and values else None
+
+
+def gap_closed(value, teacher, ptq) -> float | None:
+    """(value - ptq) / (teacher - ptq): 0 at round-to-nearest, 1 at the teacher, whichever
+    direction the metric improves in; None where a value is missing or there is no gap."""
+    if value is None or teacher is None or ptq is None or teacher == ptq:
+        return None
+    return (value - ptq) / (teacher - ptq)
+
+
+def _percent(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{fraction:.0%}"
+
+
+def render_table(rows: dict[str, dict], tasks: list[str]) -> str:
+    """One line per row: accuracies with standard errors, their average, perplexity and the
+    embedded metrics, each followed by the fraction of the ptq -> teacher gap it closed."""
+    def cell(result, metric="acc"):
+        if not result or metric not in result:
+            return "–"
+        stderr = result.get(f"{metric}_stderr")
+        return f"{result[metric]:.3f} ± {stderr:.3f}" if stderr is not None else f"{result[metric]:.3f}"
+
+    def ppl(row):
+        return row.get(PERPLEXITY_TASK, {}).get("word_perplexity")
+
+    teacher, ptq = rows.get("teacher", {}), rows.get("ptq", {})
+    extra = sorted({k for row in rows.values() for k in row.get("embedded", {})})
+    header = ["model", *tasks, "avg", "gap closed", "ppl", "ppl gap closed"]
+    header += [h for k in extra for h in (k, f"{k} gap closed")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in rows.items():
+        avg = average(row, tasks)
+        cells = [name, *(cell(row.get(t)) for t in tasks), "–" if avg is None else f"{avg:.3f}",
+                 _percent(gap_closed(avg, average(teacher, tasks), average(ptq, tasks))),
+                 "–" if ppl(row) is None else f"{ppl(row):.2f}", _percent(gap_closed(ppl(row), ppl(teacher), ppl(ptq)))]
+        for k in extra:
+            value = row.get("embedded", {}).get(k)
+            cells += ["–" if value is None else f"{value:.4f}",
+                      _percent(gap_closed(value, teacher.get("embedded", {}).get(k), ptq.get("embedded", {}).get(k)))]
+        lines.append("| " + " | ".join(cells) + " |")
+    norm = [t for t in tasks if any("acc_norm" in row.get(t, {}) for row in rows.values())]
+    if norm:
+        lines += ["", "acc_norm: " + "; ".join(
+            f"{name}: " + ", ".join(f"{t} {cell(row.get(t), 'acc_norm')}" for t in norm) for name, row in rows.items())]
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, row) in enumerate(rows.items()):
+        values = [row.get(t, {}).get("acc", 0.0) for t in tasks]
+        errors = [row.get(t, {}).get("acc_stderr") or 0.0 for t in tasks]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, yerr=errors, capsize=3, label=name)
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set_ylabel("acc")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def find_row(rows, name: str) -> str:
+    """The row (of the names in ``rows``) that a --compare name means."""
+    if name in rows:
+        return name
+    matches = [r for r in rows if r.startswith(Path(name).name) or Path(name).name in r]
+    if len(matches) != 1:
+        raise BadInput(f"--compare: no single row named {name!r}; rows are {', '.join(rows)}")
+    return matches[0]
+
+
+def compare_rows(rows: dict, tasks: list[str], a: str, b: str) -> list[str]:
+    a, b = find_row(rows, a), find_row(rows, b)
+    lines = [f"paired comparison, {b} vs {a} (bootstrap 95% CI, McNemar exact p):"]
+    for task in tasks:
+        items_a, items_b = rows[a].get(task, {}).get("items"), rows[b].get(task, {}).get("items")
+        if not items_a or not items_b:
+            lines.append(f"- {task}: no per-item results to pair")
+            continue
+        lines.append(f"- {task}: {verdict(a, b, paired_comparison(items_a, items_b))}")
+    return lines
