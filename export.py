@@ -5,7 +5,7 @@
 
 * ``compressed-tensors`` (llm-compressor's format; vLLM and transformers load it): every
   fake-quantized linear layer stored packed with its scales, the rest as trained, a
-  ``quantization_config`` naming the scheme per layer group, the tokenizer and generation
+  ``quantization_config`` naming the scheme (one config group), the tokenizer and generation
   config beside it. MXFP4 -> ``mxfp4-pack-quantized`` (E2M1 codes two per byte, E8M0 scale
   bytes); ``int4_sym`` -> ``pack-quantized`` W4A16 (symmetric, group-wise). The
   compressed-tensors package packs the weights from the scales the student trained with,
@@ -99,17 +99,27 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
 
     quant_type = settings["quant_type"]
     layers = quantized_layers(student)
-    packed, groups = {}, {}
+    # One config group for all the layers, at the smallest group size: transformers'
+    # dequantizing load (CompressedTensorsConfig(dequantize=True), what eval.py uses)
+    # decompresses every dense layer with the first config group's scheme whatever its
+    # targets say, so a group per group size broke the layers of the other sizes. The group
+    # sizes are powers of two, so the smallest divides the others: a layer trained with a
+    # larger group stores its scale repeated per smaller group, the same codes, the same
+    # function, at a few more scale bytes.
+    group = 32 if quant_type == "mxfp4" else min((layer.group_size for _, layer in layers), default=32)
+    packed = {}
     for name, layer in layers:
         weight = layer.weight.detach().float()
-        group = 32 if quant_type == "mxfp4" else layer.group_size
-        groups.setdefault(group, []).append(name)
         scheme = compressed_tensors_scheme(quant_type, group, [name])
         if quant_type == "mxfp4":
             dequantized, scales, _, _ = mxfp4_parts(weight, layer.scale_rule)
             tensors = MXFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": scales}, scheme)
         else:
-            _, scale, _ = pack_int4(weight, group, symmetric=True)
+            if layer.group_size % group:
+                raise BadInput(f"{name}: int4 group size {layer.group_size} is not a multiple of {group}, the "
+                               f"smallest in this student; one compressed-tensors config group cannot hold both")
+            _, scale, _ = pack_int4(weight, layer.group_size, symmetric=True)
+            scale = scale.repeat_interleave(layer.group_size // group, dim=-1)
             dequantized = layer.quantized_weight().detach().float()
             tensors = PackedQuantizationCompressor.compress({"weight": dequantized, "weight_scale": scale}, scheme)
         for key, value in tensors.items():
@@ -123,10 +133,9 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
         if module in quantized or (tied and key == "lm_head.weight"):
             continue
         packed[key] = value.detach().contiguous()
-    # One config group per group size; its targets are the exact layer names.
+    # Its targets are the exact layer names.
     config = QuantizationConfig(
-        config_groups={f"group_{i}": compressed_tensors_scheme(quant_type, group, sorted(names))
-                       for i, (group, names) in enumerate(sorted(groups.items()))},
+        config_groups={"group_0": compressed_tensors_scheme(quant_type, group, sorted(quantized))} if layers else {},
         format="mxfp4-pack-quantized" if quant_type == "mxfp4" else "pack-quantized",
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=sorted(name for name, m in student.named_modules()

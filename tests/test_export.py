@@ -19,9 +19,10 @@ from quant import FakeQuantLinear, fake_quantize, quantize_model
 def make_student(path: Path, tokenizer, arch="llama", quant_type="mxfp4", scale_rule="floor", group_size=None,
                  **overrides):
     """A saved tiny student whose latent weights have moved off the teacher's."""
-    model = tiny_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                       max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    sizes = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=512)
+    model = tiny_model(arch, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       **{**sizes, **overrides})
     quantize_model(model, quant_type, group_size, scale_rule=scale_rule)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -76,17 +77,39 @@ def test_compressed_tensors_export_is_the_students_function(tmp_path, embedded_t
     assert "fake_quant" not in config and config["qakd_quantization"]["quant_type"] == quant_type
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
     assert "4.25 bits per parameter" in capsys.readouterr().out if quant_type == "mxfp4" else True
+    assert_loads_as_the_student(out, student, quant_type, scale_rule, len(embedded_tokenizer))
 
-    # Unpacked by compressed-tensors, not by our code: every linear weight is the student's
-    # quantized weight bit for bit, and the logits agree.
+
+def assert_loads_as_the_student(out: Path, student, quant_type: str, scale_rule: str, vocab: int):
+    """Unpacked by compressed-tensors, not by our code: every linear weight is the student's
+    quantized weight bit for bit, and the logits agree."""
     loaded = load_compressed(out, dequantize=True)
-    for name, layer in layers.items():
+    for name, layer in export.quantized_layers(student):
         expected = fake_quantize(layer.weight.detach(), quant_type, layer.group_size, scale_rule)
         assert torch.equal(loaded.get_submodule(name).weight.detach().float(), expected), name
-    ids = prompts(len(embedded_tokenizer))
+    ids = prompts(vocab)
     assert_same_logits(student, loaded, ids)
     if quant_type == "int4_sym":  # also the compressed layout that serving engines run from
         assert_same_logits(student, load_compressed(out, dequantize=False), ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_int4_sym_layers_of_different_group_sizes_export_exactly(tmp_path, embedded_tokenizer, arch):
+    # The default group size is 128 where it divides in_features, else 64: down_proj (384
+    # inputs) gets 128, the 64-input layers 64 -- as on SmolLM2-135M (1536 and 576 inputs).
+    # transformers dequantizes every dense layer with the first config group's scheme, so a
+    # group per group size decompressed down_proj with 64 ("size of tensor a (6) must match
+    # ... (3)").
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, arch, "int4_sym", intermediate_size=384)
+    student = student_of(checkpoint)
+    layers = dict(export.quantized_layers(student))
+    assert {layer.group_size for layer in layers.values()} == {64, 128}
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [sorted(group["targets"]) for group in groups.values()] == [sorted(layers)]
+    assert [group["weights"]["group_size"] for group in groups.values()] == [64]
+    assert_loads_as_the_student(out, student, "int4_sym", "floor", len(embedded_tokenizer))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
