@@ -30,13 +30,17 @@ RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "stop_after"
                      "config", "eval_args", "eval_steps", "gradient_checkpointing", "output_dir"}
 
 
+# Settings added with a default other than what runs saved before them did: such a run counts as this value.
+BEFORE_THE_SETTING_EXISTED = {"gptq_actorder": False}
+
+
 def config_differences(saved: dict, config) -> list[str]:
     """The settings in which ``config`` (a dataclass) differs from a saved run configuration,
     beyond those a resumed run may change; a setting added since the run was saved counts
-    as its default."""
-    defaults = dataclasses.asdict(type(config)())
+    as what runs did before it existed (its default, or BEFORE_THE_SETTING_EXISTED)."""
+    before = {**dataclasses.asdict(type(config)()), **BEFORE_THE_SETTING_EXISTED}
     return sorted(k for k, v in dataclasses.asdict(config).items()
-                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
+                  if k not in RESUMABLE_CHANGES and saved.get(k, before[k]) != v)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -89,6 +89,18 @@ def _flag_name(token: str) -> str | None:
     return token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
 
 
+def flag_with_value(key: str, value: str) -> list[str]:
+    """train.py's flag setting ``key`` to ``value``; an on/off flag's true/false as --flag/--no-flag."""
+    import train
+
+    flag = key.replace('_', '-')
+    if isinstance(getattr(train.TrainConfig, key, None), bool):
+        if value.lower() not in ("true", "false"):
+            raise BadInput(f"--grid {key} is on or off: give true or false, got {value!r}")
+        return [f"--{flag}" if value.lower() == "true" else f"--no-{flag}"]
+    return [f"--{flag}", value]
+
+
 def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], root: Path,
               results_dir: Path | None = None) -> list[dict]:
     """Every run of the grid with its train.py arguments, validated by train.py's own parser,
@@ -124,7 +136,7 @@ def plan_runs(grid: dict[str, list[str]], seeds: int, train_flags: list[str], ro
             output_dir = root / name
             argv = [*train_flags]
             for key, value in values.items():
-                argv += [f"--{key.replace('_', '-')}", value]
+                argv += flag_with_value(key, value)
             argv += ["--seed", str(seed_number), "--output_dir", str(output_dir)]
             try:
                 config = train.parse_config(argv)
@@ -422,7 +434,7 @@ def sweep(args, train_flags: list[str]) -> int:
 
         try:
             evaluation.parse_args(["RUN", *shlex.split(args.eval_flags)])
-        except (BadInput, FileNotFoundError) as e:
+        except (BadInput, ValueError, FileNotFoundError) as e:  # ValueError: shlex, an unclosed quote
             raise BadInput(f"--eval flags {args.eval_flags!r}: {e}") from None
     root = Path(args.root)
     results_dir = Path(args.results) if args.results else root / "results"

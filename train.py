@@ -197,6 +197,8 @@ def validate(c: TrainConfig) -> None:
         raise BadInput(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
     if c.init == "gptq" and c.quant_type == "none":
         raise BadInput("--init gptq quantizes the student's start; it needs a --quant-type other than none")
+    if c.init != "gptq" and (c.gptq_latent != "values" or not c.gptq_actorder):
+        raise BadInput("--gptq-latent and --no-gptq-actorder shape a GPTQ start: pass them with --init gptq")
     if c.init_samples < 1:
         raise BadInput(f"--init-samples must be >= 1, got {c.init_samples}")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",

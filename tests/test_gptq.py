@@ -1,5 +1,6 @@
 """gptq.py: GPTQ onto the student's own grids, against a float64 reference; the GPTQ start in train.py."""
 
+import dataclasses
 import json
 
 import pytest
@@ -229,6 +230,8 @@ def test_a_gptq_start_trains_resumes_and_refuses_a_resume_that_started_otherwise
     (["--init-samples", "0"], "--init-samples must be >= 1"),
     (["--init", "awq"], "argument --init: invalid choice"),
     (["--gptq-latent", "rounded"], "invalid choice: 'rounded' (choose from 'values', 'unrounded')"),
+    (["--init", "rtn", "--gptq-latent", "unrounded"], "--gptq-latent and --no-gptq-actorder shape a GPTQ start"),
+    (["--init", "rtn", "--no-gptq-actorder"], "--gptq-latent and --no-gptq-actorder shape a GPTQ start"),
     (["--init-samples", "1", "--max-length", "40"], "calibration tokens cannot measure a layer with 128 inputs"),
 ])
 def test_gptq_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_checkpoint, chat_dataset, capsys, extra,
@@ -237,6 +240,15 @@ def test_gptq_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_checkpoint
     assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "1", *extra)) == 2
     assert_one_error_line(capsys, message)
     assert not out.exists()
+
+
+def test_a_gptq_run_saved_before_activation_order_existed_counts_as_natural_order():
+    from checkpoints import config_differences
+
+    saved = {**dataclasses.asdict(train.TrainConfig(init="gptq"))}
+    del saved["gptq_actorder"]  # as run_config.json was written before the flag
+    assert config_differences(saved, train.TrainConfig(init="gptq", gptq_actorder=False)) == []
+    assert config_differences(saved, train.TrainConfig(init="gptq")) == ["gptq_actorder"]
 
 
 def test_gptq_needs_completions_to_calibrate_on(tmp_path, tiny_checkpoint, capsys):

@@ -160,6 +160,20 @@ def test_dry_run_prints_one_command_per_run_with_the_launcher(tmp_path, tiny_che
     assert not root.exists()
 
 
+def test_an_on_off_flag_sweeps_as_the_flag_and_its_no_form(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    root = tmp_path / "sweep"
+    assert sweep.main(["--grid", "fused_loss=true,false", "--root", str(root), "--dry-run", "--",
+                       *train_flags(tiny_checkpoint, chat_dataset)]) == 0
+    on, off = capsys.readouterr().out.splitlines()
+    assert " --fused-loss " in on and " --no-fused-loss " in off
+
+
+def test_eval_flags_with_an_unclosed_quote_are_one_line(tmp_path, capsys):
+    assert sweep.main(["--grid", "lmbda=0", "--root", str(tmp_path / "sweep"), "--eval", "--tasks 'x", "--"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eval flags" in err and "No closing quotation" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("grid, extra, message", [
     (["nosuch=1,2"], [], "--grid key 'nosuch' is not a train.py flag"),
     (["lmbda="], [], "--grid key 'lmbda' has no values"),
@@ -167,6 +181,7 @@ def test_dry_run_prints_one_command_per_run_with_the_launcher(tmp_path, tiny_che
     (["output_dir=a,b"], [], "is set by the sweep for each run"),
     (["lmbda=0"], ["--output-dir", "x"], "--output-dir after -- is set by the sweep"),
     (["lmbda=0"], ["--no-such-flag", "1"], "train.py flags after --: unrecognized arguments: --no-such-flag"),
+    (["fused_loss=maybe"], [], "--grid fused_loss is on or off: give true or false, got 'maybe'"),
 ])
 def test_bad_input_is_one_line_and_launches_nothing(tmp_path, capsys, grid, extra, message):
     root = tmp_path / "sweep"
