@@ -6,10 +6,11 @@ Hessian H = X^T X of the layer's calibration inputs, so that the layer's outputs
 inputs change as little as possible. Here it quantizes onto exactly the grids the student
 computes with (``quant.fake_quantize``):
 
-* each group's grid is chosen when GPTQ reaches the group's first column, from the
-  group's current (error-updated) weights, by the format's own rule: the MXFP4 block
-  exponent by the student's scale rule, the INT4 group's scale (and minimum) as
-  ``quant._int4_quantize`` sets them;
+* columns go by decreasing Hessian diagonal (activation order), every group's grid
+  chosen beforehand from the unquantized weights by the format's own rule: the MXFP4
+  block exponent by the student's scale rule, the INT4 group's scale (and minimum) as
+  ``quant._int4_quantize`` sets them (``actorder=False``: natural order, each grid chosen
+  from the group's error-updated weights when GPTQ reaches it);
 * the result is returned as the student's latent weight, one that ``fake_quantize`` maps
   to GPTQ's values, so the start is an ordinary student: it trains, checkpoints, resumes,
   evaluates and exports unchanged. MXFP4 values are a fixed point of every scale rule.

@@ -388,7 +388,7 @@ def main(argv=None) -> int:
 
 def set_up(c: TrainConfig) -> Run:
     """Models, data, optimizer and the output directory; the state of the checkpoint being
-    resumed. What the run cannot use (a model, dataset or directory) is an BadInput."""
+    resumed. What the run cannot use (a model, dataset or directory) is a BadInput."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from transformers import get_cosine_schedule_with_warmup
