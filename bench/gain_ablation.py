@@ -61,6 +61,7 @@ def main() -> None:
 
     full, quantized = student(True, True)
     changed = total = 0
+    moved = []
     with torch.no_grad():
         reference = ptq_baseline(teacher, settings)
         reference.load_state_dict(start, strict=False)
@@ -68,7 +69,9 @@ def main() -> None:
             if isinstance(a, FakeQuantLinear):
                 changed += int((a.quantized_weight() != b.quantized_weight()).sum())
                 total += a.weight.numel()
-    print(f"4-bit codes changed from {start_name}: {changed / total:.2%} of {total:,}")
+                moved.append(float((b.weight - a.weight).norm() / a.weight.norm()))
+    print(f"4-bit codes changed from {start_name}: {changed / total:.2%} of {total:,}; "
+          f"the median latent weight matrix moved {sorted(moved)[len(moved) // 2]:.2%} of its norm")
     held_out = {}
     for label, linear, other in ((start_name, False, False), ("trained norms and embedding only", False, True),
                                  ("trained linear layers only", True, False), ("trained student", True, True)):
