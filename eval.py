@@ -50,13 +50,13 @@ def on_device(model, device: torch.device, dtype: torch.dtype):
     float32 latent weight (MXFP4 values are exact in bfloat16; INT4 ones are rounded, as a
     W4A16 kernel with bfloat16 scales would round them): quantizing a rounded latent weight
     would give other 4-bit values than the student trained with."""
-    from quant import FakeQuantLinear, fake_quantize
+    from quant import FakeQuantLinear
 
     if dtype != torch.float32:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]:
             plain = torch.nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
             with torch.no_grad():
-                quantized = fake_quantize(layer.latent_weight(), layer.quant_type, layer.group_size, layer.scale_rule)
+                quantized = layer.quantized_weight().detach()
             plain.weight = torch.nn.Parameter(quantized, requires_grad=False)
             plain.bias = layer.bias
             parent, _, child = name.rpartition(".")

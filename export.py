@@ -95,8 +95,6 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     from compressed_tensors.compressors import MXFP4PackedCompressor, PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    from quant import pack_int4
-
     quant_type = settings["quant_type"]
     layers = quantized_layers(student)
     # One config group for all the layers, at the smallest group size: transformers'
@@ -118,7 +116,7 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
             if layer.group_size % group:
                 raise BadInput(f"{name}: int4 group size {layer.group_size} is not a multiple of {group}, the "
                                f"smallest in this student; one compressed-tensors config group cannot hold both")
-            _, scale, _ = pack_int4(weight, layer.group_size, symmetric=True)
+            _, scale, _ = layer.int4_parts()  # the learned scales where the student learns them
             scale = scale.repeat_interleave(layer.group_size // group, dim=-1)
             dequantized = layer.quantized_weight().detach().float()
             tensors = PackedQuantizationCompressor.compress({"weight": dequantized, "weight_scale": scale}, scheme)

@@ -26,6 +26,13 @@ Formats (quantization runs along the last dimension, the reduction dimension of 
 * ``int4_sym``: the symmetric W4A16 convention of compressed-tensors:
   scale = amax / 7.5, q = clamp(round(w / scale), -8, 7), w_hat = q * scale.
 
+Learned scales (``learn_scales``, INT4 only): the statistics each group's grid is computed
+from (``int4_sym``: amax; ``int4``: min and max) become trainable parameters, initialised
+from the latent weight so the student starts as the same function, trained by LSQ's
+gradient (Esser et al. 2020; LSQ+ for the minimum) scaled by 1 / sqrt(group size * Qp) as in
+ParetoQ; the latent weight's gradient is zero where its code clips, as in LSQ. The codes
+are those of the formulas above with the learned statistics in place of the measured ones.
+
 All rounding is ``torch.round`` (half to even). Group sizes never pad: a dimension the
 block or group size does not divide is an error that names the layer and its shape.
 """
@@ -207,6 +214,79 @@ def _int4_dequantize(codes, scale, zero):
     return (codes - 8) * scale + zero
 
 
+# A learned amax or range never reaches zero: the codes divide by it.
+_SMALLEST_STATISTIC = torch.finfo(torch.float32).tiny
+
+
+def int4_statistics(x: torch.Tensor, group_size: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """What the INT4 rule computes each group's grid from, [..., K/g]: (amax,) when symmetric,
+    else (min, max). Learned scales start from these."""
+    xg = _blocks(x, group_size)
+    if symmetric:
+        return (xg.abs().amax(-1),)
+    return xg.amin(-1), xg.amax(-1)
+
+
+def _int4_quantize_with(xg: torch.Tensor, statistics: tuple[torch.Tensor, ...]):
+    """``_int4_quantize``'s (codes, scale, zero, position on the grid) with given group
+    statistics [..., K/g, 1] in place of the measured ones: the same formulas, so the rule's
+    own statistics give bit for bit the rule's result."""
+    if len(statistics) == 1:
+        amax = statistics[0].clamp(min=_SMALLEST_STATISTIC)
+        position = xg / amax * 7.5
+        codes = torch.round(position).clamp(-8, 7).add(8)
+        scale = amax / 7.5
+        return codes, scale, torch.zeros_like(scale), position
+    low, high = statistics
+    scale = (high - low).clamp(min=INT4_ASYM_EPS) / 15
+    position = (xg - low) / scale
+    codes = torch.round(position).clamp(0, 15)
+    return codes, scale, low + scale * 8, position
+
+
+class _LearnedScaleInt4(torch.autograd.Function):
+    """INT4 fake quantization with trainable group statistics (LSQ / LSQ+).
+
+    Forward: ``_int4_quantize_with``. Backward, per element with position u on the grid and
+    code q (u clamped to the codes' range before rounding, as LSQ writes it):
+    d w_hat / d w = 1 inside the range, 0 where the code clips; d w_hat / d scale =
+    round(u) - u inside, the clipped code outside; d w_hat / d zero offset = 0 inside, 1
+    outside (asymmetric). Scale = amax / 7.5 (symmetric) or (max - min) / 15, offset = min.
+    The statistics' gradients are summed over the group and scaled by 1 / sqrt(g * Qp).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, group_size, *statistics):
+        xg = _blocks(weight, group_size)
+        statistics = tuple(s.float().unsqueeze(-1) for s in statistics)
+        codes, scale, zero, position = _int4_quantize_with(xg, statistics)
+        ctx.save_for_backward(weight, *statistics)
+        ctx.group_size = group_size
+        return _int4_dequantize(codes, scale, zero).reshape(weight.shape).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, *statistics = ctx.saved_tensors
+        g = ctx.group_size
+        xg = _blocks(weight, g)
+        grad = _blocks(grad_output, g)
+        codes, scale, _, position = _int4_quantize_with(xg, tuple(statistics))
+        symmetric = len(statistics) == 1
+        low, high = (-8, 7) if symmetric else (0, 15)
+        inside = (position >= low) & (position <= high)
+        code = codes - 8 if symmetric else codes
+        # d w_hat / d scale per element (LSQ), times the upstream gradient
+        per_scale = grad * torch.where(inside, torch.round(position) - position, code)
+        grad_scale = per_scale.sum(-1) / (g * high) ** 0.5
+        grad_weight = (grad * inside).reshape(weight.shape).to(weight.dtype)
+        if symmetric:
+            return grad_weight, None, grad_scale / 7.5
+        grad_offset = (grad * ~inside).sum(-1) / (g * high) ** 0.5
+        # scale = max(max - min, eps) / 15 and offset = min
+        grad_scale = grad_scale * (statistics[1] - statistics[0] > INT4_ASYM_EPS).squeeze(-1) / 15
+        return grad_weight, None, grad_offset - grad_scale, grad_scale
+
+
 # ---------------------------------------------------------------- public numerics
 
 def fake_quantize(x: torch.Tensor, quant_type: str, group_size: int | None = None,
@@ -291,12 +371,18 @@ class _StraightThrough(torch.autograd.Function):
         return grad_output, None, None, None
 
 
+# The parameters ``learn_scales`` gives an INT4 layer: its group statistics, [out, in / g].
+LEARNED_STATISTICS = {"int4_sym": ("weight_amax",), "int4": ("weight_min", "weight_max")}
+
+
 class FakeQuantLinear(nn.Linear):
     """An ``nn.Linear`` whose forward sees its weight fake-quantized (straight-through gradient).
 
     What it quantizes is ``latent_weight()``: its own weight, or, where an adapter has set
     ``compose_weight`` on the layer (lora.py: W + s * B A), what that adapter makes of it. The
-    adapter composes with the quantizer; the quantizer knows no adapter.
+    adapter composes with the quantizer; the quantizer knows no adapter. After
+    ``learn_scales`` an INT4 layer's grid comes from its learned statistics
+    (``LEARNED_STATISTICS``) instead of being measured on the latent weight.
     """
 
     compose_weight = None  # an adapter's function(layer) -> the latent weight to quantize
@@ -326,9 +412,35 @@ class FakeQuantLinear(nn.Linear):
     def latent_weight(self) -> torch.Tensor:
         return self.weight if self.compose_weight is None else self.compose_weight(self)
 
+    def learned_statistics(self) -> tuple[torch.Tensor, ...]:
+        """The learned group statistics (``learn_scales``), or () where the grid is measured."""
+        names = LEARNED_STATISTICS.get(self.quant_type, ())
+        if not names or names[0] not in self._parameters:
+            return ()
+        return tuple(self._parameters[n] for n in names)
+
+    def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
+        statistics = self.learned_statistics()
+        if statistics:
+            return _LearnedScaleInt4.apply(latent, self.group_size, *statistics)
+        return _StraightThrough.apply(latent, self.quant_type, self.group_size, self.scale_rule)
+
+    def int4_parts(self):
+        """(codes 0..15 [out, in/g, g], scale [out, in/g], zero [out, in/g]) of the quantized
+        weight: dequantized, (code - 8) * scale + zero is exactly what the layer computes with."""
+        with torch.no_grad():
+            latent = self.latent_weight().detach()
+            statistics = self.learned_statistics()
+            if statistics:
+                codes, scale, zero, _ = _int4_quantize_with(
+                    _blocks(latent, self.group_size), tuple(s.float().unsqueeze(-1) for s in statistics))
+            else:
+                codes, scale, zero = _int4_quantize(latent, self.group_size, self.quant_type == "int4_sym")
+        return codes, scale.squeeze(-1), zero.squeeze(-1)
+
     def quantized_weight(self) -> torch.Tensor:
         if not self._frozen:
-            return _StraightThrough.apply(self.latent_weight(), self.quant_type, self.group_size, self.scale_rule)
+            return self._quantize(self.latent_weight())
         # what the latent weight is made of: the weight and an adapter's parameters, not the bias
         trained = [p for name, p in self.named_parameters(recurse=False) if name != "bias"]
         if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
@@ -337,7 +449,7 @@ class FakeQuantLinear(nn.Linear):
         key = tuple((p._version, p.data_ptr()) for p in trained)
         if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
             with torch.no_grad():
-                quantized = fake_quantize(self.latent_weight(), self.quant_type, self.group_size, self.scale_rule)
+                quantized = self._quantize(self.latent_weight())
                 self._cache = (key, quantized.to(self._cache_dtype or quantized.dtype))
         return self._cache[1]
 
@@ -362,6 +474,7 @@ class QuantSettings:
     scale_rule: str = "floor"
     skip: tuple[str, ...] = ("lm_head",)
     layer_group_sizes: dict[str, int] = field(default_factory=dict)  # as resolved per layer
+    learn_scales: bool = False  # INT4 group statistics trained as parameters (learn_scales)
     lora: dict | None = None  # the LoRA settings whose adapters were merged into these weights (lora.py)
 
     def to_dict(self) -> dict:
@@ -421,8 +534,35 @@ def quantize_model_from_settings(model: nn.Module, settings: QuantSettings | dic
     if settings.layer_group_sizes and model.quant_settings.layer_group_sizes != settings.layer_group_sizes:
         raise ValueError("the model's layers do not match the recorded quantization settings "
                          "(different architecture or version?)")
+    if settings.learn_scales:  # placeholders from the latent weights; the caller loads the saved ones
+        learn_scales(model)
     record_settings(model, dataclasses.replace(model.quant_settings, lora=settings.lora))
     return count
+
+
+def learn_scales(model: nn.Module) -> int:
+    """Make every INT4 layer's group statistics (``LEARNED_STATISTICS``) trainable parameters,
+    initialised from its latent weight as it is now: the student's function is unchanged
+    until they train. Call it after anything that sets the latent weights (a GPTQ start).
+    Returns how many layers learn their scales."""
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    if not layers or any(m.quant_type not in LEARNED_STATISTICS for m in layers):
+        raise ValueError("learned scales are for INT4 students (int4, int4_sym): an MXFP4 scale is a "
+                         "power of two, re-chosen from the weights at every step by --scale-rule")
+    if any(m.learned_statistics() for m in layers):
+        raise ValueError("the model's scales are learned already")
+    for layer in layers:
+        statistics = int4_statistics(layer.latent_weight().detach(), layer.group_size,
+                                     layer.quant_type == "int4_sym")
+        for name, value in zip(LEARNED_STATISTICS[layer.quant_type], statistics):
+            layer.register_parameter(name, nn.Parameter(value.to(layer.weight.dtype).contiguous()))
+    record_settings(model, dataclasses.replace(model.quant_settings, learn_scales=True))
+    return len(layers)
+
+
+def is_learned_statistic(parameter_name: str) -> bool:
+    """Whether a parameter name (``model.layers.0.mlp.up_proj.weight_amax``) is a learned scale."""
+    return parameter_name.rpartition(".")[2] in {n for names in LEARNED_STATISTICS.values() for n in names}
 
 
 def record_settings(model: nn.Module, settings: QuantSettings) -> None:

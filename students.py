@@ -137,4 +137,8 @@ def load_student(checkpoint: Path):
         return model.eval(), AutoTokenizer.from_pretrained(checkpoint), settings
     model, tokenizer = load_model(checkpoint)
     quantize_model_from_settings(model, settings)
+    if settings.get("learn_scales"):  # parameters transformers does not know: loaded here
+        from checkpoints import load_weights
+
+        load_weights(model, checkpoint)
     return model.eval(), tokenizer, settings

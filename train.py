@@ -65,6 +65,7 @@ class TrainConfig:
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
     gptq_actorder: bool = True  # --init gptq: columns by decreasing Hessian diagonal, grids fixed first (off: natural order)
+    learn_scales: bool = False  # int4 / int4_sym: train each group's scale (LSQ), initialised from the start
     learning_rate: float = 1e-4  # the Qwen3-4B presets set their own
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
@@ -197,6 +198,12 @@ def validate(c: TrainConfig) -> None:
         raise BadInput(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
     if c.init == "gptq" and c.quant_type == "none":
         raise BadInput("--init gptq quantizes the student's start; it needs a --quant-type other than none")
+    if c.learn_scales and c.quant_type not in ("int4", "int4_sym"):
+        raise BadInput(f"--learn-scales trains INT4 group scales; {c.quant_type} has none to learn (an MXFP4 scale is "
+                       f"a power of two that --scale-rule re-chooses from the weights at every step)")
+    if c.learn_scales and c.lora_r:
+        raise BadInput("--learn-scales with --lora-r: the adapters' checkpoints would not hold the learned scales; "
+                       "use one of them")
     if c.init != "gptq" and (c.gptq_latent != "values" or not c.gptq_actorder):
         raise BadInput("--gptq-latent and --no-gptq-actorder shape a GPTQ start: pass them with --init gptq")
     if c.init_samples < 1:
@@ -298,6 +305,10 @@ def prepare_student(student, c: TrainConfig) -> None:
     saved_settings = getattr(student.config, "fake_quant", None)
     if saved_settings:  # a saved student: rebuild exactly the quantization it was trained with
         quantize_model_from_settings(student, saved_settings)
+        if saved_settings.get("learn_scales"):  # not weights to transformers: loaded here
+            from checkpoints import load_weights
+
+            load_weights(student, Path(c.student_model))
         log.info("student keeps its saved quantization (%s)", saved_settings["quant_type"])
     elif c.quant_type != "none":
         count = quantize_model(student, c.quant_type, c.group_size, scale_rule=c.scale_rule)
@@ -397,6 +408,7 @@ def set_up(c: TrainConfig) -> Run:
     from data import examples_in_use_order, load_records
     from heldout import heldout_examples
     from losses import DistillationLoss
+    from quant import is_learned_statistic, learn_scales
 
     if c.mixed_precision == "bf16" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise BadInput("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
@@ -419,6 +431,9 @@ def set_up(c: TrainConfig) -> Run:
         # which its checkpoint does not hold: that is rebuilt as it started.
         if c.init == "gptq" and (resume_from is None or c.lora_r):
             gptq_start(student, tokenizer, records, c, accelerator)
+        if c.learn_scales and not student.quant_settings.learn_scales:
+            # from the start's weights (a resumed run's saved scales load over them)
+            log.info("student: learned scales in %d layers", learn_scales(student))
         need_completions = c.lmbda < 1 and not c.seq_kd
         examples = examples_in_use_order(records, tokenizer, c.max_length,
                                          c.max_steps * examples_per_step(c, accelerator.num_processes), c.seed,
@@ -428,9 +443,9 @@ def set_up(c: TrainConfig) -> Run:
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # BadInput is a ValueError too
         raise BadInput(str(e)) from None
 
-    trained = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters
-    decay = [p for p in trained if p.dim() >= 2]
-    no_decay = [p for p in trained if p.dim() < 2]
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # with LoRA: the adapters
+    decay = [p for n, p in trained if p.dim() >= 2 and not is_learned_statistic(n)]
+    no_decay = [p for n, p in trained if p.dim() < 2 or is_learned_statistic(n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=c.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * c.max_steps), c.max_steps)

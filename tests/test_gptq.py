@@ -281,3 +281,23 @@ def test_resuming_the_saved_start_with_max_steps_zero_leaves_it_untouched(tmp_pa
                                 "--resume")) == 0
     again = (out / "checkpoint-0" / "model.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
+
+
+def test_learned_scales_start_from_the_gptq_weights_not_the_teachers(tmp_path, tiny_checkpoint, chat_dataset):
+    """--init gptq --learn-scales: the scales are measured on GPTQ's weights, so step 0 is
+    GPTQ's student exactly, with the same held-out KL."""
+    from students import load_student
+
+    kl, logits = {}, {}
+    ids = torch.randint(0, 100, (1, 12))
+    for name, extra in (("gptq", ()), ("learned", ("--learn-scales",))):
+        out = tmp_path / name
+        assert train.main(gptq_args(tiny_checkpoint, chat_dataset, out, "--quant-type", "int4_sym", "--max-steps",
+                                    "0", "--eval-steps", "1", "--init-samples", "8", *extra)) == 0
+        kl[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["heldout_kl"]
+        student, _, settings = load_student(out / "checkpoint-0")
+        assert settings.get("learn_scales", False) == (name == "learned")
+        with torch.no_grad():
+            logits[name] = student(ids).logits
+    assert kl["gptq"] == kl["learned"]
+    assert torch.equal(logits["gptq"], logits["learned"])

@@ -64,6 +64,8 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--lora-alpha=-inf"], "--lora-alpha must be a finite number, got -inf"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
+    (["--learn-scales"], "--learn-scales trains INT4 group scales; mxfp4 has none to learn"),
+    (["--learn-scales", "--quant-type", "int4_sym", "--lora-r", "4"], "--learn-scales with --lora-r"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -323,6 +325,30 @@ def test_resume_after_a_stop_gives_the_same_final_weights(tmp_path, tiny_checkpo
     # the on-policy fraction counts the whole run's steps, those before the stop included
     assert [r.get("on_policy_fraction") for r in metrics(straight)] == [
         r.get("on_policy_fraction") for r in metrics(split)]
+
+
+def test_learned_scales_train_save_and_resume_to_the_same_student(tmp_path, tiny_checkpoint, chat_dataset):
+    from quant import is_learned_statistic
+    from students import load_student
+
+    common = ("--max-steps", "4", "--seed", "3", "--quant-type", "int4_sym", "--learn-scales")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, straight, *common)) == 0
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--stop-after", "2")) == 0
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, *common, "--resume")) == 0
+    a, b = weights(straight / "checkpoint-4"), weights(split / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    learned = [k for k in a if is_learned_statistic(k)]
+    assert learned and all(k.endswith(".weight_amax") for k in learned)
+    student, _, settings = load_student(straight / "checkpoint-4")
+    assert settings["learn_scales"]
+    # the scales trained: the 4-bit weights are not what the rule measures on the latent weights
+    layer = student.get_submodule(learned[0].rpartition(".")[0])
+    assert torch.equal(layer.weight_amax, a[learned[0]])
+    assert not torch.equal(layer.weight_amax, layer.weight.abs().reshape(*layer.weight_amax.shape, -1).amax(-1))
+    # a run started without learned scales is another run
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, "--max-steps", "4", "--seed", "3",
+                                "--quant-type", "int4_sym", "--resume")) == 2
 
 
 def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
