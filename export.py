@@ -198,6 +198,45 @@ def _source_gguf(run_config: dict) -> Path | None:
     return Path(model) if str(model).endswith(".gguf") else None
 
 
+def _looks_like_a_control_token(text: str) -> bool:
+    """Added tokens that models leave unmarked but llama.cpp's converter types CONTROL."""
+    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<\uff5c") and text.endswith("\uff5c>")) \
+        or (text.startswith("<unused") and text.endswith(">")) or text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+
+
+def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, token types) for the embedding's ``vocab_size`` rows, typed as llama.cpp's
+    own converter types them: ids the tokenizer lacks are ``[PAD<i>]`` UNUSED (llama.cpp
+    refuses a token list shorter than the embedding), special added tokens (and those
+    that look it) CONTROL, other added tokens (Qwen3's ``<think>``) USER_DEFINED, the
+    rest NORMAL."""
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise BadInput(f"--format gguf: the tokenizer has token ids up to {max(vocab.values())} but the model's "
+                       f"embedding has {vocab_size} rows; the tokenizer does not belong to this model")
+    by_id = {index: token for token, index in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added and (added[i].special or i in special or _looks_like_a_control_token(token)):
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL)
+        elif i in added:
+            tokens.append(token.replace("\u2581", " "))  # llama.cpp matches user-defined tokens on raw text
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+    return tokens, types
+
+
 def _add_tokenizer(writer, tokenizer, config, source: Path | None) -> None:
     import gguf
 
@@ -215,27 +254,43 @@ def _add_tokenizer(writer, tokenizer, config, source: Path | None) -> None:
     if bpe.get("type") != "BPE":
         raise BadInput("--format gguf: only byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) are written from a "
                        "Hugging Face directory")
-    vocab = tokenizer.get_vocab()
-    tokens = [""] * len(vocab)
-    for token, index in vocab.items():
-        tokens[index] = token
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    tokens, types = gguf_vocabulary(tokenizer, config.vocab_size)
     writer.add_tokenizer_model("gpt2")
     pre = GGUF_PRE_TOKENIZERS.get(config.model_type)
     if pre is None:
         log.warning("no llama.cpp pre-tokenizer known for %s; writing 'default'", config.model_type)
     writer.add_tokenizer_pre(pre or "default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
-    merges = bpe.get("merges", [])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    for name, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                           ("pad", tokenizer.pad_token_id)):
-        if token_id is not None:
-            getattr(writer, f"add_{name}_token_id")(token_id)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_token_types(types)
+    # merges, special token ids and the chat template, as llama.cpp's converter reads them
+    with tempfile.TemporaryDirectory() as saved:
+        tokenizer.save_pretrained(saved)
+        special = gguf.SpecialVocab(saved, load_merges=True, n_vocab=len(tokens))
+    # whether a BOS / EOS is added: what the tokenizer does, which is what the student saw
+    encoded = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and encoded[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and encoded[-1] == tokenizer.eos_token_id
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _rope_frequency_factors(config, arch_name: str, head_dim: int, rope_theta: float) -> np.ndarray | None:
+    """None for plain rotary embeddings; for Llama 3's scaled ones the factor each rotary
+    frequency is divided by (llama.cpp's ``rope_freqs`` tensor), taken from transformers'
+    own frequencies so the file computes what the student computed. Other scalings are
+    refused: this export does not write them."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3" or arch_name != "LLAMA":
+        raise BadInput(f"--format gguf: this {config.model_type} model uses {rope_type!r} rotary scaling, which the "
+                       f"GGUF export does not write (only Llama 3's); use --format compressed-tensors")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, attention_scaling = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    assert attention_scaling == 1.0
+    return (plain / scaled).float().numpy()
 
 
 def write_gguf(student, tokenizer, settings: dict, run_config: dict, out: Path) -> None:
@@ -261,11 +316,15 @@ def write_gguf(student, tokenizer, settings: dict, run_config: dict, out: Path) 
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_frequency_factors = _rope_frequency_factors(config, arch_name, head_dim, rope_theta)
+    writer.add_rope_freq_base(rope_theta)
     writer.add_vocab_size(config.vocab_size)
     writer.add_string("qakd.quantization", json.dumps(settings))
     _add_tokenizer(writer, tokenizer, config, _source_gguf(run_config))
 
+    if rope_frequency_factors is not None:  # llama.cpp divides each rotary frequency by its factor
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_frequency_factors)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     layers = dict(quantized_layers(student))
     tied = getattr(config, "tie_word_embeddings", False)
