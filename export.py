@@ -138,7 +138,13 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=sorted(name for name, m in student.named_modules()
                       if isinstance(m, torch.nn.Linear) and name not in quantized))
-    return packed, config.to_dict()
+    config = config.to_dict()
+    if quant_type == "mxfp4":
+        # transformers decompresses MXFP4 to bfloat16 weights on the first forward, which a
+        # float32 load cannot multiply; decompressed at load time, in the dtype asked for, a
+        # plain from_pretrained works in every dtype (vLLM does not read the key)
+        config["dequantize"] = True
+    return packed, config
 
 
 def write_compressed_tensors(student, tokenizer, settings: dict, out: Path) -> None:
@@ -396,6 +402,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_snippets(out: Path, export_format: str) -> dict[str, str]:
+    """How to run the export, by tool: Python and shell snippets that run as written from the
+    directory export.py was run in (tests/test_export.py runs the transformers ones, and
+    tests/test_engines.py the llama.cpp one)."""
+    if export_format == "compressed-tensors":
+        return {"transformers": f"""import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# bfloat16 or float32: the 4-bit weights are unpacked at load time, exactly
+model = AutoModelForCausalLM.from_pretrained("{out}", dtype=torch.bfloat16)
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=8, do_sample=False)[0]))
+""", "vllm": f"vllm serve {out}"}
+    return {"transformers": f"""import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# transformers dequantizes the GGUF's MXFP4 blocks to float32 (the same values)
+model = AutoModelForCausalLM.from_pretrained("{out}", gguf_file="{GGUF_FILE}", dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("{out}", gguf_file="{GGUF_FILE}")
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=8, do_sample=False)[0]))
+""", "llama-cpp-python": f"""from llama_cpp import Llama
+
+llm = Llama(model_path="{out / GGUF_FILE}", verbose=False)
+print(llm("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"])
+""", "llama.cpp": f"llama-cli -m {out / GGUF_FILE} -p 'The capital of France is' -n 8"}
+
+
+def write_model_card(directory: Path, out: Path, export_format: str, settings: dict, run_config: dict) -> None:
+    """README.md beside the weights: what the model is and how to run it."""
+    quant = settings["quant_type"] + (f", groups of {settings['group_size']}" if settings.get("group_size") else "")
+    lines = [f"# {out.name}", "",
+             f"A 4-bit student ({quant}; every linear layer but `lm_head`) distilled by qakd from "
+             f"`{run_config.get('model') or 'the embedded SmolLM2-135M-Instruct'}`, exported as {export_format}. "
+             f"Its weights are the trained student's 4-bit weights bit for bit.", "", "## Run it", ""]
+    for tool, snippet in load_snippets(out, export_format).items():
+        language = "python" if "import" in snippet else "bash"
+        lines += [f"{tool}:", "", f"```{language}", snippet.rstrip(), "```", ""]
+    (directory / "README.md").write_text("\n".join(lines))
+
+
 def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool = False) -> Path:
     from quant import CONFIG_KEY
 
@@ -427,6 +475,7 @@ def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool 
                 write_gguf(student, tokenizer, settings, run_config, staging)
         if run_config_file.exists():  # eval.py finds the teacher of an exported row here
             shutil.copy(run_config_file, staging / "run_config.json")
+        write_model_card(staging, out, export_format, settings, run_config)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -438,6 +487,7 @@ def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool 
     print(f"wrote {out} ({export_format}, {settings['quant_type']}): weights {weights / 2**20:.1f} MiB, "
           f"{weights / latent:.3f}x the latent checkpoint's {latent / 2**20:.1f} MiB (directory "
           f"{directory_size(out) / 2**20:.1f} MiB); quantized linear weights {bits:.2f} bits per parameter")
+    print(f"run it: {out / 'README.md'}")
     return out
 
 

@@ -23,7 +23,20 @@ def main(argv) -> int:
         print("usage: score.py MODEL.gguf REQUEST.json OUT.npz", file=sys.stderr)
         return 2
     model, request, out = argv
+    import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
+
+    # No extra buffer types (weights repacked for AMX or other CPU-specific kernels): they
+    # are a per-CPU choice, and AMX faults in a VM that reports it but does not grant the
+    # tile state. The plain CPU kernels compute the same formats.
+    default_params = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
 
     request = json.loads(open(request).read())
     sequences, texts = request.get("sequences", []), request.get("texts", [])

@@ -152,3 +152,20 @@ def test_a_tokenizer_with_more_tokens_than_the_embedding_is_refused(tmp_path, to
     model = tiny_model("qwen3", vocab_size=len(tokenizer) - 1)
     with pytest.raises(BadInput, match="the tokenizer does not belong to this model"):
         gguf_of(student_of(model), tokenizer, tmp_path / "gguf")
+
+
+def test_the_model_cards_llama_cpp_python_snippet_runs_as_written(llama_cpp, tmp_path, tokenizer):
+    import subprocess
+
+    import export
+
+    student = student_of(tiny_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                    max_position_embeddings=256))
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = tmp_path / "export"
+    assert export.main([str(tmp_path / "student"), "--format", "gguf", "--out", str(out)]) == 0
+    snippet = export.load_snippets(out, "gguf")["llama-cpp-python"]
+    assert snippet.strip() in (out / "README.md").read_text()
+    ran = subprocess.run([str(llama_cpp), "-c", snippet], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-500:]

@@ -89,8 +89,28 @@ def assert_loads_as_the_student(out: Path, student, quant_type: str, scale_rule:
         assert torch.equal(loaded.get_submodule(name).weight.detach().float(), expected), name
     ids = prompts(vocab)
     assert_same_logits(student, loaded, ids)
-    if quant_type == "int4_sym":  # also the compressed layout that serving engines run from
-        assert_same_logits(student, load_compressed(out, dequantize=False), ids)
+    # a plain from_pretrained in float32, as a user's first load is written
+    assert_same_logits(student, load_compressed(out, dequantize=False), ids)
+
+
+@pytest.mark.parametrize("export_format", ["compressed-tensors", "gguf"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_model_cards_transformers_snippet_runs_as_written(tmp_path, embedded_tokenizer, export_format, dtype,
+                                                              capsys):
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "mxfp4", "mse")
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", export_format, "--out", str(out)]) == 0
+    assert f"run it: {out / 'README.md'}" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    snippet = export.load_snippets(out, export_format)["transformers"]
+    assert snippet.strip() in card
+    if export_format == "compressed-tensors":
+        snippet = snippet.replace("torch.bfloat16", f"torch.{dtype}")
+    elif dtype == "bfloat16":
+        pytest.skip("the GGUF snippet loads in float32")
+    exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("The capital of France is") and len(printed) > len("The capital of France is")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -191,7 +211,7 @@ def test_unquantized_checkpoint_and_existing_output_are_refused(tmp_path, embedd
     assert f"--out {existing} already exists; pass --overwrite" in err and len(err.splitlines()) == 1
     assert os.listdir(existing) == ["keep.txt"]
     assert export.main([str(checkpoint), "--format", "gguf", "--out", str(existing), "--overwrite"]) == 0
-    assert os.listdir(existing) == [export.GGUF_FILE]
+    assert sorted(os.listdir(existing)) == ["README.md", export.GGUF_FILE]
     assert sorted(os.listdir(tmp_path)) == ["existing", "student"]
 
 
