@@ -95,6 +95,8 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     from compressed_tensors.compressors import MXFP4PackedCompressor, PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
+    from quant import INT4_FALLBACK_GROUP_SIZES
+
     quant_type = settings["quant_type"]
     layers = quantized_layers(student)
     # One config group for all the layers, at the smallest group size: transformers'
@@ -103,8 +105,12 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     # targets say, so a group per group size broke the layers of the other sizes. The group
     # sizes are powers of two, so the smallest divides the others: a layer trained with a
     # larger group stores its scale repeated per smaller group, the same codes, the same
-    # function, at a few more scale bytes.
-    group = 32 if quant_type == "mxfp4" else min((layer.group_size for _, layer in layers), default=32)
+    # function, at a few more scale bytes. vLLM's W4A16 kernels take groups of 128, 64 or 32
+    # only (Marlin; Machete 128), so a coarser group (--group-size 256) is stored the same way
+    # at the largest of those that divides every layer's group.
+    sizes = [layer.group_size for _, layer in layers] or [32]
+    group = 32 if quant_type == "mxfp4" else next(
+        (g for g in INT4_FALLBACK_GROUP_SIZES if all(s % g == 0 for s in sizes)), min(sizes))
     packed = {}
     for name, layer in layers:
         weight = layer.weight.detach().float()
@@ -170,6 +176,21 @@ def write_compressed_tensors(student, tokenizer, settings: dict, out: Path) -> N
     if student.generation_config is not None:
         student.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    add_legacy_rope_keys(out / "config.json")
+
+
+def add_legacy_rope_keys(config_file: Path) -> None:
+    """The rotary base (and scaling) also under the keys transformers 4 reads: it ignores
+    ``rope_parameters`` and takes its default base, and vLLM running with it (its pins allow
+    transformers 4) then serves another model (SmolLM2's base is 100000, the default 10000)."""
+    data = json.loads(config_file.read_text())
+    rope = data.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:  # none, or one per layer type
+        return
+    data.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        data.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- GGUF

@@ -3,10 +3,13 @@
 # float32) running train.py's save, --resume and --eval-steps, then eval.py on the
 # result. tests/test_train.py runs the same code paths sharded over two gloo CPU processes
 # (tests/fsdp_on_cpu.py); this runs them as users will. The embedded SmolLM2-135M and data,
-# offline; a few minutes.
+# offline; a few minutes. Then, where vLLM is installed, vLLM serves the compressed-tensors
+# export of the final checkpoint (bench/vllm_check.py: its greedy answers and logprobs against
+# the student's; one "skip:" line where vLLM is absent).
 #
 #     bash bench/gpu_check.sh            # every visible GPU
 #     GPUS=2 OUT=/tmp/gpu_check bash bench/gpu_check.sh
+#     VLLM_PYTHON=/opt/vllm/bin/python bash bench/gpu_check.sh   # vLLM in an environment of its own
 #
 # LAUNCH replaces the launcher and EXTRA adds train.py flags (the script itself was tried on
 # CPU with LAUNCH="python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_on_cpu.py",
@@ -97,4 +100,7 @@ kl = {name: row["embedded"]["heldout_kl"] for name, row in rows.items()}
 check(abs(kl["teacher"]) < 1e-6 and kl["straight/checkpoint-4"] > 0,
       f"eval.py --dtype bfloat16 scored the checkpoint: held-out KL {kl}")
 PY
+
+echo "== vLLM serves the compressed-tensors export of checkpoint-4 as the student computes it =="
+timeout "$LIMIT" uv run python bench/vllm_check.py "$OUT/straight/checkpoint-4" --out "$OUT/vllm"
 echo "all checks passed ($OUT)"

@@ -233,6 +233,228 @@ def test_out_holding_the_checkpoint_is_refused_even_with_overwrite(tmp_path, emb
     assert (checkpoint / "model.safetensors").exists()
 
 
+# ---------------------------------------------------------------- what vLLM reads
+# vLLM cannot run here; these are the conditions its compressed-tensors loader sets, read from
+# its source (vllm/model_executor/layers/quantization/compressed_tensors/): from_config and
+# _quantization_scheme_map_from_config parse the config, get_scheme_dict matches a layer
+# (utils.should_ignore_layer, find_matched_target), _get_scheme_from_parts picks the scheme,
+# whose create_weights names the tensors its loader fills. An MXFP4 student must land in
+# CompressedTensorsW4A16Mxfp4, an int4_sym one in CompressedTensorsWNA16.
+
+# packed_modules_mapping of vLLM's Llama and Qwen3: these shards are one layer there
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# is_activation_quantization_format: with these, vLLM wants input_activations or FP8 weights
+VLLM_ACTIVATION_FORMATS = {"naive-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized"}
+# QuantizationArgs of compressed-tensors 0.13.0 (vLLM's pin once it has the MXFP4 scheme) forbids other keys
+CT_0_13_WEIGHT_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic",
+                       "actorder", "scale_dtype", "zp_dtype", "observer", "observer_kwargs"}
+WNA16_GROUP_SIZES = {32, 64, 128}  # MARLIN_SUPPORTED_GROUP_SIZES less -1 (channel-wise); Machete takes 128
+
+
+def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int]], quant_type: str) -> list[str]:
+    """Why vLLM would not serve this export with the W4A16 scheme of ``quant_type``, one reason
+    a line (none: it would). ``linears``: (out, in) features of the model's linear layers by name."""
+    reasons = []
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors":
+        reasons.append(f"quant_method {q.get('quant_method')!r}")
+    if "config_groups" not in q:  # from_config indexes it
+        reasons.append("no config_groups")
+    for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):  # acted on when set
+        if q.get(key):
+            reasons.append(f"{key} is set")
+    if quant_type == "mxfp4" and str(config.get("dtype", config.get("torch_dtype"))) == "float16":
+        reasons.append("config dtype float16: dtype auto would run MXFP4 Marlin in float16")
+    rope = config.get("rope_parameters")  # transformers 5's; vLLM's pins allow transformers 4, which reads:
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        if config.get("rope_theta") != rope["rope_theta"]:
+            reasons.append(f"rope_theta {config.get('rope_theta')}: transformers 4 takes its default rotary base")
+        if rope.get("rope_type", "default") != "default" and (config.get("rope_scaling") or {}).get("rope_type") \
+                != rope["rope_type"]:
+            reasons.append(f"rope_scaling {config.get('rope_scaling')}: transformers 4 does not scale the rotary base")
+    expected_format = {"mxfp4": "mxfp4-pack-quantized", "int4_sym": "pack-quantized"}[quant_type]
+    group_of, ignore = {}, q.get("ignore") or []
+    for key, group in (q.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        fmt = group.get("format") or q.get("format")  # get_scheme_dict falls back to the global format
+        if fmt != expected_format or fmt in VLLM_ACTIVATION_FORMATS:
+            reasons.append(f"{key}: format {fmt!r}")
+        if group.get("input_activations") or group.get("output_activations"):
+            reasons.append(f"{key}: not weight-only")
+        if unknown := sorted(set(w) - CT_0_13_WEIGHT_KEYS):
+            reasons.append(f"{key}: weights keys {unknown} unknown to compressed-tensors 0.13")
+        if (w.get("num_bits"), w.get("strategy"), w.get("symmetric"), w.get("dynamic", False), w.get("actorder")) \
+                != (4, "group", True, False, None):
+            reasons.append(f"{key}: not 4-bit static symmetric group-wise without actorder ({w})")
+        if quant_type == "mxfp4" and (w.get("type"), w.get("group_size")) != ("float", 32):  # _is_mxfp4
+            reasons.append(f"{key}: not float groups of 32 ({w.get('type')}, {w.get('group_size')})")
+        if quant_type == "int4_sym" and (w.get("type") != "int" or w.get("group_size") not in WNA16_GROUP_SIZES):
+            reasons.append(f"{key}: not int groups of {sorted(WNA16_GROUP_SIZES)} ({w.get('type')}, "
+                           f"group size {w.get('group_size')})")
+        for target in group.get("targets") or []:
+            if target not in linears:  # matched by exact name; no patterns or class names here
+                reasons.append(f"{key}: target {target!r} is not a linear layer's name")
+            if target in group_of:
+                reasons.append(f"{target} is in two config groups")
+            group_of[target] = key
+    for name in ignore:
+        if name not in linears:
+            reasons.append(f"ignore {name!r} is not a linear layer's name")
+    for name in linears:
+        if name not in group_of and name not in ignore:
+            reasons.append(f"{name} is neither targeted nor ignored")
+        if name in group_of and name in ignore:
+            reasons.append(f"{name} is targeted and ignored")
+        prefix, _, proj = name.rpartition(".")
+        for fused, shards in VLLM_FUSED.items():
+            # should_ignore_layer refuses shards ignored apart; find_matched_target needs every
+            # shard matched and gives the fused layer the first shard's scheme
+            if proj == shards[0] and len({group_of.get(f"{prefix}.{s}") for s in shards}) > 1:
+                reasons.append(f"{prefix}.{fused}: its shards are not in one config group")
+    for name, key in group_of.items():  # what the scheme's create_weights registers, and only that
+        if name not in linears:
+            continue
+        out_features, in_features = linears[name]
+        group_size = q["config_groups"][key]["weights"].get("group_size") or 1
+        if quant_type == "mxfp4":
+            expected = {"weight_packed": (torch.uint8, (out_features, in_features // 2)),
+                        "weight_scale": (torch.uint8, (out_features, in_features // 32))}
+        else:
+            expected = {"weight_packed": (torch.int32, (out_features, in_features // 8)),
+                        "weight_scale": (None, (out_features, in_features // group_size)),
+                        "weight_shape": (torch.int64, (2,))}
+        found = {k.removeprefix(name + "."): t for k, t in tensors.items()
+                 if k.startswith(name + ".") and k != f"{name}.bias"}
+        if set(found) != set(expected):
+            reasons.append(f"{name}: tensors {sorted(found)}, vLLM registers {sorted(expected)}")
+            continue
+        for part, (dtype, shape) in expected.items():
+            t = found[part]
+            dtype_ok = t.dtype == dtype if dtype is not None else t.is_floating_point()  # None: float, cast on load
+            if not dtype_ok or tuple(t.shape) != shape:
+                reasons.append(f"{name}.{part}: {t.dtype} {tuple(t.shape)}, vLLM's parameter is {dtype} {shape}")
+        if quant_type == "int4_sym" and found["weight_shape"].tolist() != [out_features, in_features]:
+            reasons.append(f"{name}.weight_shape is {found['weight_shape'].tolist()}")
+    return reasons
+
+
+def exported_for_vllm(tmp_path: Path, tokenizer, arch: str, quant_type: str, **overrides):
+    from safetensors.torch import load_file
+
+    checkpoint = make_student(tmp_path / "student", tokenizer, arch, quant_type, **overrides)
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    linears = {name: (m.out_features, m.in_features) for name, m in student_of(checkpoint).named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    return json.loads((out / "config.json").read_text()), load_file(out / "model.safetensors"), linears
+
+
+@pytest.mark.parametrize("arch, quant_type, overrides", [
+    ("llama", "mxfp4", {}),
+    ("qwen3", "mxfp4", {}),
+    ("llama", "int4_sym", {"intermediate_size": 384}),  # layers of groups 64 and 128 in one config group
+    # groups of 256, which vLLM's W4A16 kernels do not take, stored as groups of 128
+    ("qwen3", "int4_sym", {"group_size": 256, "hidden_size": 256, "head_dim": 64, "intermediate_size": 512}),
+])
+def test_compressed_tensors_config_is_what_vllm_schemes_accept(tmp_path, embedded_tokenizer, arch, quant_type,
+                                                               overrides):
+    config, tensors, linears = exported_for_vllm(tmp_path, embedded_tokenizer, arch, quant_type, **overrides)
+    assert vllm_refusals(config, tensors, linears, quant_type) == []
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 100000.0},  # SmolLM2's base
+                                  {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 256}])
+def test_the_rotary_settings_are_where_transformers_4_reads_them(tmp_path, embedded_tokenizer, rope):
+    config, tensors, linears = exported_for_vllm(tmp_path, embedded_tokenizer, "llama", "mxfp4",
+                                                 rope_parameters=dict(rope))
+    assert config["rope_parameters"] == rope and config["rope_theta"] == rope["rope_theta"]
+    assert config.get("rope_scaling") == (None if rope["rope_type"] == "default" else
+                                          {k: v for k, v in rope.items() if k != "rope_theta"})
+    assert vllm_refusals(config, tensors, linears, "mxfp4") == []
+    student = student_of(tmp_path / "student")
+    assert_loads_as_the_student(tmp_path / "export", student, "mxfp4", "floor", len(embedded_tokenizer))
+
+
+def test_a_group_of_256_exports_as_groups_of_128_exactly(tmp_path, embedded_tokenizer):
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "int4_sym", group_size=256,
+                              hidden_size=256, head_dim=64, intermediate_size=512)
+    student = student_of(checkpoint)
+    assert {layer.group_size for _, layer in export.quantized_layers(student)} == {256}
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [group["weights"]["group_size"] for group in groups.values()] == [128]
+    assert_loads_as_the_student(out, student, "int4_sym", "floor", len(embedded_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def vllm_exports(tmp_path_factory, embedded_tokenizer):
+    return {quant_type: exported_for_vllm(tmp_path_factory.mktemp(quant_type), embedded_tokenizer, "llama",
+                                          quant_type) for quant_type in ("mxfp4", "int4_sym")}
+
+
+def _q(config):
+    return config["quantization_config"]
+
+
+def _weights(config):
+    return _q(config)["config_groups"]["group_0"]["weights"]
+
+
+def _split_qkv(config):  # k_proj in a config group of its own, the same scheme
+    group = _q(config)["config_groups"]["group_0"]
+    group["targets"].remove("model.layers.0.self_attn.k_proj")
+    _q(config)["config_groups"]["group_1"] = {**group, "targets": ["model.layers.0.self_attn.k_proj"]}
+
+
+def _ignore_k(config):
+    _q(config)["config_groups"]["group_0"]["targets"].remove("model.layers.0.self_attn.k_proj")
+    _q(config)["ignore"].append("model.layers.0.self_attn.k_proj")
+
+
+@pytest.mark.parametrize("quant_type, breaks, reason", [
+    ("mxfp4", _split_qkv, "model.layers.0.self_attn.qkv_proj: its shards are not in one config group"),
+    ("int4_sym", _ignore_k, "model.layers.0.self_attn.qkv_proj: its shards are not in one config group"),
+    ("mxfp4", lambda c: _q(c)["config_groups"]["group_0"]["targets"].append("re:.*up_proj"), "not a linear layer"),
+    ("mxfp4", lambda c: _q(c)["config_groups"]["group_0"]["targets"].remove("model.layers.1.mlp.down_proj"),
+     "model.layers.1.mlp.down_proj is neither targeted nor ignored"),
+    ("mxfp4", lambda c: _q(c)["config_groups"]["group_0"].update(input_activations={"num_bits": 8}),
+     "not weight-only"),
+    ("mxfp4", lambda c: _weights(c).update(group_size=16), "not float groups of 32"),
+    ("int4_sym", lambda c: _weights(c).update(group_size=256), "group size 256"),
+    ("int4_sym", lambda c: _weights(c).update(symmetric=False), "symmetric"),
+    ("int4_sym", lambda c: _weights(c).update(actorder="group"), "actorder"),
+    ("int4_sym", lambda c: _q(c).update(format="int-quantized"), "format 'int-quantized'"),
+    ("mxfp4", lambda c: _weights(c).update(scale_format="e8m0"), "unknown to compressed-tensors 0.13"),
+    ("mxfp4", lambda c: _q(c).update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme is set"),
+    ("mxfp4", lambda c: _q(c).pop("config_groups"), "no config_groups"),
+    ("mxfp4", lambda c: c.pop("rope_theta"), "transformers 4 takes its default rotary base"),
+    ("mxfp4", lambda c: c.update(dtype="float16"), "config dtype float16"),
+])
+def test_the_vllm_conditions_catch_what_vllm_refuses(vllm_exports, quant_type, breaks, reason):
+    import copy
+
+    config, tensors, linears = vllm_exports[quant_type]
+    config = copy.deepcopy(config)
+    breaks(config)
+    assert any(reason in line for line in vllm_refusals(config, tensors, linears, quant_type))
+
+
+@pytest.mark.parametrize("quant_type, breaks, reason", [
+    ("mxfp4", lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale":
+                                  t["model.layers.0.mlp.up_proj.weight_scale"].float()}), "torch.float32"),
+    ("int4_sym", lambda t: t.pop("model.layers.0.mlp.up_proj.weight_shape"), "vLLM registers"),
+    ("mxfp4", lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(1)}), "vLLM registers"),
+])
+def test_the_vllm_conditions_catch_tensors_vllm_cannot_load(vllm_exports, quant_type, breaks, reason):
+    config, tensors, linears = vllm_exports[quant_type]
+    tensors = dict(tensors)
+    breaks(tensors)
+    assert any(reason in line for line in vllm_refusals(config, tensors, linears, quant_type))
+
+
 @pytest.mark.slow
 def test_the_embedded_model_exports_to_both_formats_with_its_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
