@@ -270,6 +270,28 @@ def examples_in_use_order(records, tokenizer, max_length: int, count: int, seed:
     return examples
 
 
+# --group-by-length sorts windows of this many steps' examples: enough to find similar
+# lengths, few enough that the data's order stays mixed over a run.
+LENGTH_GROUP_WINDOW_STEPS = 16
+
+
+def group_by_length(examples: list, group: int, window: int, seed: int) -> list:
+    """``examples`` reordered so that each run of ``group`` (one step's examples) holds
+    sequences of similar length: within each ``window`` of examples, sorted by prompt +
+    completion length and cut into groups, the groups then shuffled (seeded). Padding
+    shrinks; which examples a run sees does not change, only which share a step. A pure
+    function of its arguments, like the order it rearranges."""
+    import random
+
+    out = []
+    for start in range(0, len(examples), window):
+        chunk = sorted(examples[start:start + window], key=lambda e: len(e.prompt_ids) + len(e.completion_ids))
+        groups = [chunk[i:i + group] for i in range(0, len(chunk), group)]
+        random.Random(seed * 1_000_003 + start).shuffle(groups)
+        out.extend(e for g in groups for e in g)
+    return out
+
+
 def build_batch(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, max_length: int):
     """Right-padded prompt + completion sequences and the loss labels.
 

@@ -72,6 +72,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_length: int = 512
     max_new_tokens: int = 128
+    group_by_length: bool = False  # each step's examples of similar length (less padding; the same examples)
     min_completion_tokens: int = 1
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -405,7 +406,7 @@ def set_up(c: TrainConfig) -> Run:
     from transformers import get_cosine_schedule_with_warmup
 
     import checkpoints
-    from data import examples_in_use_order, load_records
+    from data import LENGTH_GROUP_WINDOW_STEPS, examples_in_use_order, group_by_length, load_records
     from heldout import heldout_examples
     from losses import DistillationLoss
     from quant import is_learned_statistic, learn_scales
@@ -438,6 +439,9 @@ def set_up(c: TrainConfig) -> Run:
         examples = examples_in_use_order(records, tokenizer, c.max_length,
                                          c.max_steps * examples_per_step(c, accelerator.num_processes), c.seed,
                                          c.min_completion_tokens, need_completions=need_completions)
+        if c.group_by_length:
+            per_step = examples_per_step(c, accelerator.num_processes)
+            examples = group_by_length(examples, per_step, per_step * LENGTH_GROUP_WINDOW_STEPS, c.seed)
         eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
                          if c.eval_steps else [])
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # BadInput is a ValueError too

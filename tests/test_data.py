@@ -202,3 +202,26 @@ def test_extra_prompts_are_new_distinct_reproducible_and_in_the_embedded_mix():
     assert all(abs(share[c] - base_share[c]) < 0.05 for c in share), (share, base_share)
     with pytest.raises(ValueError, match="ask for fewer"):
         maker.make_extra_prompts(1, 5000, {p for _, p in base})
+
+
+def test_group_by_length_keeps_the_examples_and_puts_similar_lengths_in_a_step():
+    from data import Example, group_by_length
+
+    g = __import__("random").Random(0)
+    examples = [Example([1] * g.randint(1, 50), [2] * g.randint(1, 200)) for _ in range(96)]
+
+    def length(e):
+        return len(e.prompt_ids) + len(e.completion_ids)
+
+    grouped = group_by_length(examples, group=4, window=32, seed=3)
+    assert sorted(map(id, grouped)) == sorted(map(id, examples))
+    for start in range(0, 96, 32):  # nothing crosses a window: the run's order stays mixed
+        assert {id(e) for e in grouped[start:start + 32]} == {id(e) for e in examples[start:start + 32]}
+
+    def padding(order):
+        steps = [order[i:i + 4] for i in range(0, len(order), 4)]
+        return sum(4 * max(map(length, s)) - sum(map(length, s)) for s in steps)
+
+    assert padding(grouped) < padding(examples) / 3
+    assert grouped == group_by_length(examples, group=4, window=32, seed=3)
+    assert grouped != group_by_length(examples, group=4, window=32, seed=4)  # the groups' order is seeded
