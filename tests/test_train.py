@@ -59,6 +59,10 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--rollout-dtype", "float16"], "--rollout-dtype must be float32 or bfloat16"),
     (["--mixed-precision", "fp16"], "--mixed-precision must be no or bf16"),
     (["--quant-type", "int4_sym", "--scale-rule", "mse"], "--scale-rule mse chooses MXFP4 block exponents"),
+    (["--quant-type", "nvfp4", "--scale-rule", "rceil"], "--scale-rule rceil chooses MXFP4 block exponents; nvfp4 "
+                                                         "has no such choice"),
+    (["--quant-type", "nvfp4", "--init", "gptq"], "--init gptq has no nvfp4 grid"),
+    (["--quant-type", "nvfp4", "--learn-scales"], "--learn-scales trains INT4 group scales; nvfp4 has none to learn"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
     (["--lora-alpha=-inf"], "--lora-alpha must be a finite number, got -inf"),
@@ -114,10 +118,11 @@ def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing
     assert not (tmp_path / "run").exists()
 
 
-def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
+def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4_and_nvfp4():
     assert train.parse_config([]).scale_rule == "mse"
     assert train.parse_config(["--scale-rule", "floor"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4_sym"]).scale_rule == "floor"
+    assert train.parse_config(["--quant-type", "nvfp4"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4", "--scale-rule", "floor"]).scale_rule == "floor"
 
 
@@ -186,6 +191,27 @@ def test_on_policy_run_trains_on_student_generations(tmp_path, tiny_checkpoint, 
     rows = metrics(out)
     assert all(r["on_policy"] for r in rows) and rows[-1]["on_policy_fraction"] == 1.0
     assert all(r["generation_s"] > 0 and r["completion_tokens"] <= 2 * 6 for r in rows)
+
+
+def test_an_nvfp4_run_trains_on_policy_and_saves_a_student_rebuilt_with_its_shared_tensor_scales(
+        tmp_path, tiny_checkpoint, chat_dataset):
+    import students
+    from quant import fake_quantize
+
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "1")
+    at = argv.index("--quant-type")
+    argv[at:at + 4] = ["--quant-type", "nvfp4"]  # and no --group-size
+    assert train.main(argv) == 0
+    assert all(r["on_policy"] for r in metrics(out))
+    student, _, settings = students.load_student(out / "checkpoint-2")
+    assert settings["quant_type"] == "nvfp4" and len(settings["tensor_scale_groups"]) == 2 * 2
+    attention = student.model.layers[0].self_attn
+    amax = max(m.weight.abs().amax() for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert torch.equal(attention.v_proj.quantized_weight(),
+                       fake_quantize(attention.v_proj.weight.detach(), "nvfp4", tensor_amax=amax))
+    assert not torch.equal(weights(out / "checkpoint-2")["model.layers.0.mlp.up_proj.weight"],
+                           weights(tiny_checkpoint)["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_fused_and_materialised_losses_agree(tmp_path, tiny_checkpoint, chat_dataset):
