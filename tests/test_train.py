@@ -129,7 +129,7 @@ def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_flo
 def test_unknown_flag_or_choice_is_one_line(capsys):
     assert train.main(["--quant-type", "fp3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "mxfp4, int4, int4_sym, none" in err.replace("'", "") and len(err.splitlines()) == 1
+    assert "mxfp4, nvfp4, int4, int4_sym, none" in err.replace("'", "") and len(err.splitlines()) == 1
     assert train.main(["--no-such-flag", "1"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
@@ -770,6 +770,25 @@ def test_fsdp2_on_two_processes_saves_resumes_and_evaluates_like_one_process(tmp
             assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
     final = weights(alone / "checkpoint-3")
     for k, t in final.items():
+        torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
+
+
+def test_an_nvfp4_student_sharded_by_fsdp2_trains_like_one_process(tmp_path, tiny_checkpoint, chat_dataset):
+    # a fused group's tensor scale reads its siblings' weights: they are unsharded with it
+    common = ("--max-steps", "2", "--lmbda", "0.5", "--seed", "5")
+    sharded, alone = tmp_path / "sharded", tmp_path / "alone"
+    argv = {}
+    for out in (sharded, alone):
+        argv[out] = tiny_args(tiny_checkpoint, chat_dataset, out, *common)
+        at = argv[out].index("--quant-type")
+        argv[out][at:at + 4] = ["--quant-type", "nvfp4"]
+    fsdp_train(*argv[sharded])
+    assert train.main([*argv[alone], "--gradient-accumulation-steps", "2"]) == 0
+    assert [r["on_policy"] for r in metrics(sharded)] == [r["on_policy"] for r in metrics(alone)]
+    for a, b in zip(metrics(sharded), metrics(alone)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    saved, single = weights(sharded / "checkpoint-2"), weights(alone / "checkpoint-2")
+    for k, t in single.items():
         torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
 
 
