@@ -7,14 +7,19 @@
   fake-quantized linear layer stored packed with its scales, the rest as trained, a
   ``quantization_config`` naming the scheme (one config group), the tokenizer and generation
   config beside it. MXFP4 -> ``mxfp4-pack-quantized`` (E2M1 codes two per byte, E8M0 scale
-  bytes); ``int4_sym`` -> ``pack-quantized`` W4A16 (symmetric, group-wise). The
-  compressed-tensors package packs the weights from the scales the student trained with,
-  so both export exactly (an ``rceil`` MXFP4 student too: scales are scales). ``int4``
+  bytes); NVFP4 -> ``nvfp4-pack-quantized`` (E2M1 codes, E4M3 block scales, and the float32
+  ``weight_global_scale``, which compressed-tensors defines as 1 / the tensor scale, the
+  same in every layer of a fused group); ``int4_sym`` -> ``pack-quantized`` W4A16
+  (symmetric, group-wise). The compressed-tensors package packs the weights from the
+  scales the student trained with, so all three export exactly (an ``rceil`` MXFP4 student
+  too: scales are scales). ``int4``
   (asymmetric with a float zero point, torchao's numerics) is refused: compressed-tensors
   stores integer zero points and would compute a different function.
 * ``gguf`` (llama.cpp): the whole model in one file, linear weights as GGML MXFP4 blocks
   written here from the trained exponents (gguf-py's quantizer would recompute them),
-  everything else float32. MXFP4 students of the Llama and Qwen3 architectures.
+  everything else float32. MXFP4 students of the Llama and Qwen3 architectures. NVFP4 is
+  refused: llama.cpp's NVFP4 blocks have no tensor scale, and the student's block scales
+  times its tensor scale are not E4M3 values in general.
 
 The export is written to a temporary directory and renamed into place: an interrupted or
 refused export leaves nothing behind. ``eval.py`` takes the exported directory as a row.
@@ -64,24 +69,41 @@ def mxfp4_parts(weight: torch.Tensor, scale_rule: str):
     return unpack_mxfp4(codes, exponents), scales, codes, exponents
 
 
+def nvfp4_parts(layer):
+    """(dequantized weight, E4M3 block scales [out, in/16], tensor scale) of an NVFP4 layer:
+    exactly what the student computes with, its fused group's tensor scale included."""
+    from quant import pack_nvfp4, unpack_nvfp4
+
+    latent = layer.latent_weight().detach().float()
+    codes, block_scales, tensor_scale = pack_nvfp4(latent, layer.tensor_amax(latent))
+    if not bool(torch.isfinite(tensor_scale)):
+        raise BadInput("a latent weight holds NaN or Inf (NVFP4 tensor scale NaN); the checkpoint is broken")
+    return unpack_nvfp4(codes, block_scales, tensor_scale), block_scales, tensor_scale
+
+
 def check_exportable(settings: dict, export_format: str) -> None:
     quant_type = settings.get("quant_type")
     if quant_type == "int4":
         raise BadInput("--quant-type int4 students (asymmetric, float zero point: torchao's numerics) cannot be "
                        "stored exactly in compressed-tensors (integer zero points) or GGUF; train with "
                        "--quant-type int4_sym or mxfp4 to ship the function you trained")
+    if export_format == "gguf" and quant_type == "nvfp4":
+        raise BadInput("--format gguf cannot hold this nvfp4 student exactly: llama.cpp's NVFP4 blocks have no tensor "
+                       "scale (use --format compressed-tensors)")
     if export_format == "gguf" and quant_type != "mxfp4":
         raise BadInput(f"--format gguf writes MXFP4 blocks; this student is {quant_type} "
                        f"(use --format compressed-tensors)")
-    if quant_type not in ("mxfp4", "int4_sym"):
+    if quant_type not in ("mxfp4", "nvfp4", "int4_sym"):
         raise BadInput(f"quantization {quant_type!r} has no 4-bit export")
 
 
 # ---------------------------------------------------------------- compressed-tensors
 
 def compressed_tensors_scheme(quant_type: str, group_size: int, targets: list[str]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
 
+    if quant_type == "nvfp4":  # the library's own weight-only NVFP4 scheme, as llm-compressor writes it
+        return preset_name_to_scheme("NVFP4A16", targets)
     if quant_type == "mxfp4":
         weights = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="group", group_size=32,
                                    scale_dtype=torch.uint8)
@@ -92,7 +114,8 @@ def compressed_tensors_scheme(quant_type: str, group_size: int, targets: list[st
 
 def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     """(state dict with packed linear layers, quantization_config) of a student."""
-    from compressed_tensors.compressors import MXFP4PackedCompressor, PackedQuantizationCompressor
+    from compressed_tensors.compressors import (MXFP4PackedCompressor, NVFP4PackedCompressor,
+                                                PackedQuantizationCompressor)
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     from quant import INT4_FALLBACK_GROUP_SIZES
@@ -107,9 +130,9 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     # larger group stores its scale repeated per smaller group, the same codes, the same
     # function, at a few more scale bytes. vLLM's W4A16 kernels take groups of 128, 64 or 32
     # only (Marlin; Machete 128), so a coarser group (--group-size 256) is stored the same way
-    # at the largest of those that divides every layer's group.
+    # at the largest of those that divides every layer's group. FP4 formats have one block size.
     sizes = [layer.group_size for _, layer in layers] or [32]
-    group = 32 if quant_type == "mxfp4" else next(
+    group = min(sizes) if quant_type in ("mxfp4", "nvfp4") else next(
         (g for g in INT4_FALLBACK_GROUP_SIZES if all(s % g == 0 for s in sizes)), min(sizes))
     packed = {}
     for name, layer in layers:
@@ -118,6 +141,11 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
         if quant_type == "mxfp4":
             dequantized, scales, _, _ = mxfp4_parts(weight, layer.scale_rule)
             tensors = MXFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": scales}, scheme)
+        elif quant_type == "nvfp4":
+            dequantized, block_scales, tensor_scale = nvfp4_parts(layer)
+            # a power of two: its reciprocal is exact
+            tensors = NVFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": block_scales.float(),
+                                                      "weight_global_scale": (1 / tensor_scale).reshape(1)}, scheme)
         else:
             if layer.group_size % group:
                 raise BadInput(f"{name}: int4 group size {layer.group_size} is not a multiple of {group}, the "
@@ -140,13 +168,13 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     # Its targets are the exact layer names.
     config = QuantizationConfig(
         config_groups={"group_0": compressed_tensors_scheme(quant_type, group, sorted(quantized))} if layers else {},
-        format="mxfp4-pack-quantized" if quant_type == "mxfp4" else "pack-quantized",
+        format={"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}.get(quant_type, "pack-quantized"),
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=sorted(name for name, m in student.named_modules()
                       if isinstance(m, torch.nn.Linear) and name not in quantized))
     config = config.to_dict()
-    if quant_type == "mxfp4":
-        # transformers decompresses MXFP4 to bfloat16 weights on the first forward, which a
+    if quant_type in ("mxfp4", "nvfp4"):
+        # transformers decompresses FP4 to bfloat16 weights on the first forward, which a
         # float32 load cannot multiply; decompressed at load time, in the dtype asked for, a
         # plain from_pretrained works in every dtype (vLLM does not read the key)
         config["dequantize"] = True

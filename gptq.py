@@ -52,6 +52,9 @@ class GroupGrid:
     """
 
     def __init__(self, group: torch.Tensor, quant_type: str, scale_rule: str):
+        if quant_type not in ("mxfp4", "int4", "int4_sym"):
+            # an NVFP4 grid depends on the whole tensor's amax, which GPTQ's updates move
+            raise BadInput(f"--init gptq has no {quant_type} grid (mxfp4, int4, int4_sym)")
         self.quant_type = quant_type
         if quant_type == "mxfp4":
             _, exponent = _mx_quantize(group.float(), scale_rule)

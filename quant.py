@@ -1,4 +1,4 @@
-"""Fake quantization of weights to MXFP4 and INT4, and the 4-bit student built from it.
+"""Fake quantization of weights to MXFP4, NVFP4 and INT4, and the 4-bit student built from it.
 
 Numerics are pure tensor functions (``fake_quantize``, ``pack_*``/``unpack_*``); the
 student is a thin module swap (``quantize_model``) that makes every ``nn.Linear`` but
@@ -20,6 +20,22 @@ Formats (quantization runs along the last dimension, the reduction dimension of 
   0xFF), so a diverging latent weight fails loudly instead of silently saturating.
   torchao divides by 2^-126 where e = -127 (a denormal-scale workaround) and so differs
   from this exact 2^-127 only for blocks whose amax is below 2^-125.
+* ``nvfp4``: NVIDIA's FP4. Blocks of 16 share an FP8 E4M3 scale s, the tensor a float32
+  scale t: w_hat = v * s * t, v the E2M1 values above. t is the power of two at or above
+  amax(|W|) / (448 * 6), so the largest block's s lands in [224, 448]; s is
+  block amax / 6 / t rounded to nearest even onto E4M3 (subnormals included), clamped to
+  [2^-9, 448] (no block has a zero scale); v = E2M1(w / (s * t)), ties to even, saturating
+  at +-6. torchao and ModelOpt take t = amax / (448 * 6) itself; a power of two makes
+  s * t and 1 / t exact, and compressed-tensors stores 1 / t and unpacks to bfloat16, so
+  only then is the shipped weight the trained one bit for bit (bfloat16 rollouts too).
+  It costs no resolution: t moves every block scale by whole binades, so a layer's
+  weights depend on t only where a block scale falls below E4M3's normal range (2^-6).
+  Given the same t the numerics are torchao's ``nvfp4_quantize``, except that torchao
+  clamps s at 2^-6 and multiplies by the reciprocal of s * t (ties at other than
+  power-of-two s then miss round-to-even). Layers that serving engines fuse into one
+  matmul (q/k/v, gate/up: ``FUSED_LAYERS``) share one t, from the amax of them all, as
+  vLLM requires. A NaN or +-Inf anywhere makes t, and so the whole tensor (and its fused
+  group), NaN.
 * ``int4``: group-wise asymmetric INT4 with a float zero point, the numerics of torchao's
   ``Int4WeightFakeQuantizer`` for bf16 activations: scale = max(max - min, 1e-6) / 15,
   u = clamp(round((w - min) / scale), 0, 15), w_hat = (u - 8) * scale + (min + 8 * scale).
@@ -50,9 +66,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-QUANT_TYPES = ("mxfp4", "int4", "int4_sym")
+QUANT_TYPES = ("mxfp4", "nvfp4", "int4", "int4_sym")
 SCALE_RULES = ("floor", "rceil", "mse")
 MX_BLOCK_SIZE = 32
+NV_BLOCK_SIZE = 16
+# The formats whose block size is part of their definition.
+FIXED_BLOCK_SIZES = {"mxfp4": MX_BLOCK_SIZE, "nvfp4": NV_BLOCK_SIZE}
 INT4_DEFAULT_GROUP_SIZE = 128
 # Tried in order when the INT4 group size is not given explicitly.
 INT4_FALLBACK_GROUP_SIZES = (128, 64, 32)
@@ -60,6 +79,8 @@ E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E8M0_BIAS = 127
 E8M0_NAN = 255
+E4M3_MAX = 448.0
+E4M3_SMALLEST = 2.0 ** -9  # the smallest E4M3 subnormal: the least NVFP4 block scale
 INT4_ASYM_EPS = 1e-6
 
 
@@ -86,19 +107,20 @@ def resolve_group_size(quant_type: str, in_features: int, group_size: int | None
                        name: str = "tensor", shape: tuple | None = None) -> int:
     """The block/group size one layer uses.
 
-    MXFP4 blocks are always 32. For INT4 an explicit ``group_size`` is strict; when it is
-    None the layer uses 128 where it divides ``in_features``, else the largest of 64 and
-    32 that does (SmolLM2's hidden size 576 is not a multiple of 128).
+    MXFP4 blocks are always 32, NVFP4 blocks 16. For INT4 an explicit ``group_size`` is
+    strict; when it is None the layer uses 128 where it divides ``in_features``, else the
+    largest of 64 and 32 that does (SmolLM2's hidden size 576 is not a multiple of 128).
     """
     _check_quant_type(quant_type)
     shape = tuple(shape) if shape is not None else (in_features,)
-    if quant_type == "mxfp4":
-        if group_size not in (None, MX_BLOCK_SIZE):
-            raise ValueError(f"mxfp4 uses blocks of {MX_BLOCK_SIZE} by definition; got group_size={group_size}")
-        if in_features % MX_BLOCK_SIZE:
+    if quant_type in FIXED_BLOCK_SIZES:
+        block = FIXED_BLOCK_SIZES[quant_type]
+        if group_size not in (None, block):
+            raise ValueError(f"{quant_type} uses blocks of {block} by definition; got group_size={group_size}")
+        if in_features % block:
             raise ValueError(f"{name} with shape {list(shape)}: in_features {in_features} is not a multiple of "
-                             f"the MXFP4 block size {MX_BLOCK_SIZE}; skip this layer")
-        return MX_BLOCK_SIZE
+                             f"the {quant_type.upper()} block size {block}; skip this layer")
+        return block
     if group_size is not None:
         if group_size <= 0 or in_features % group_size:
             raise ValueError(f"{name} with shape {list(shape)}: in_features {in_features} is not a multiple of "
@@ -128,14 +150,19 @@ def _exp2(exponent: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _ceil_log2(x: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(x)) (int32) of positive finite x, exactly; 0 for x = 0."""
+    mantissa, exponent = torch.frexp(x)  # x = m * 2^exponent, m in [0.5, 1)
+    return exponent - (mantissa == 0.5).int()
+
+
 def _mx_exponent(amax: torch.Tensor, scale_rule: str) -> torch.Tensor:
     """Unbiased shared exponent per block (int32), NaN/Inf blocks marked E8M0_NAN - bias."""
     if scale_rule == "floor":
         mantissa, exponent = torch.frexp(amax)  # amax = m * 2^exponent, m in [0.5, 1)
         shared = exponent - 1 - 2               # floor(log2(amax)) - floor(log2(6))
     else:
-        mantissa, exponent = torch.frexp(amax / E2M1_MAX)
-        shared = exponent - (mantissa == 0.5).int()  # ceil(log2(amax / 6))
+        shared = _ceil_log2(amax / E2M1_MAX)
     shared = torch.where(amax == 0, -E8M0_BIAS, shared).clamp(-E8M0_BIAS, E8M0_BIAS)
     return torch.where(torch.isfinite(amax), shared, E8M0_NAN - E8M0_BIAS)
 
@@ -186,6 +213,35 @@ def _e2m1_round(scaled: torch.Tensor) -> torch.Tensor:
 def _mx_dequantize(values: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     scale = torch.where(exponent == E8M0_NAN - E8M0_BIAS, float("nan"), _exp2(exponent))
     return values.mul_(scale)  # values are always a fresh tensor here
+
+
+# ---------------------------------------------------------------- NVFP4
+
+def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The NVFP4 tensor scale t (float32 scalar) of a tensor, or fused group, whose largest
+    magnitude is ``amax``: the power of two at or above amax / (448 * 6); 1 for an all-zero
+    tensor, NaN where amax is NaN or Inf."""
+    amax = torch.as_tensor(amax).float()
+    exponent = _ceil_log2(amax / (E4M3_MAX * E2M1_MAX)).clamp(-E8M0_BIAS, E8M0_BIAS)
+    return torch.where(torch.isfinite(amax), _exp2(exponent), float("nan"))
+
+
+def _nv_quantize(x: torch.Tensor, tensor_scale: torch.Tensor):
+    """(E2M1 values as float32 in blocks [..., K/16, 16], E4M3 block scales as float32
+    [..., K/16, 1]) of x under the tensor scale t."""
+    xb = _blocks(x, NV_BLOCK_SIZE)
+    block_scale = xb.abs().amax(-1, keepdim=True).div_(E2M1_MAX).div_(tensor_scale)
+    # torch's E4M3 cast rounds to nearest even, subnormals included (tests check it)
+    block_scale = block_scale.clamp_(E4M3_SMALLEST, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return _e2m1_round(xb / (block_scale * tensor_scale)), block_scale
+
+
+def _nv_dequantize(values: torch.Tensor, block_scale: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
+    return values.mul_(block_scale * tensor_scale)  # values are always a fresh tensor here
+
+
+def _tensor_amax(x: torch.Tensor, tensor_amax: torch.Tensor | None) -> torch.Tensor:
+    return x.detach().abs().amax().float() if tensor_amax is None else torch.as_tensor(tensor_amax).float()
 
 
 # ---------------------------------------------------------------- INT4
@@ -290,14 +346,21 @@ class _LearnedScaleInt4(torch.autograd.Function):
 # ---------------------------------------------------------------- public numerics
 
 def fake_quantize(x: torch.Tensor, quant_type: str, group_size: int | None = None,
-                  scale_rule: str = "floor") -> torch.Tensor:
-    """Quantize then dequantize ``x`` along its last dimension; same shape and dtype."""
+                  scale_rule: str = "floor", *, tensor_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize ``x`` along its last dimension; same shape and dtype.
+
+    ``tensor_amax`` (nvfp4): the amax the tensor scale comes from, where it is not x's own
+    (a fused group's: the largest of its layers').
+    """
     _check_quant_type(quant_type)
     _check_scale_rule(scale_rule)
     _check_floating(x)
     group = resolve_group_size(quant_type, x.shape[-1], group_size, shape=tuple(x.shape))
     if quant_type == "mxfp4":
         out = _mx_dequantize(*_mx_quantize(x, scale_rule))
+    elif quant_type == "nvfp4":
+        tensor_scale = nvfp4_tensor_scale(_tensor_amax(x, tensor_amax))
+        out = _nv_dequantize(*_nv_quantize(x, tensor_scale), tensor_scale)
     else:
         out = _int4_dequantize(*_int4_quantize(x, group, quant_type == "int4_sym"))
     return out.reshape(x.shape).to(x.dtype)
@@ -313,6 +376,22 @@ def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
+def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 bit patterns (sign << 3 | index into E2M1_VALUES) of values on the grid [..., K/b, b],
+    flattened to [..., K]."""
+    table = torch.tensor(E2M1_VALUES, device=values.device)
+    index = torch.bucketize(values.abs(), table).clamp_(max=7)  # exact hits; NaN -> 7
+    return (index | (torch.signbit(values).to(index.dtype) << 3)).flatten(-2)
+
+
+def _e2m1_values(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of ``_e2m1_codes`` on packed codes [..., K/2]: the values in blocks [..., K/b, b]."""
+    nibbles = _unpack_nibbles(codes).long()
+    table = torch.tensor(E2M1_VALUES, device=codes.device)
+    values = torch.where(nibbles >= 8, -table[nibbles & 7], table[nibbles & 7])
+    return values.reshape(*values.shape[:-1], -1, block)
+
+
 def pack_mxfp4(w: torch.Tensor, scale_rule: str = "floor"):
     """MXFP4 storage: (codes uint8 [..., K/2], E8M0 scale bytes uint8 [..., K/32]).
 
@@ -322,19 +401,31 @@ def pack_mxfp4(w: torch.Tensor, scale_rule: str = "floor"):
     _check_floating(w)
     resolve_group_size("mxfp4", w.shape[-1], shape=tuple(w.shape))
     values, exponent = _mx_quantize(w, scale_rule)
-    table = torch.tensor(E2M1_VALUES, device=w.device)
-    index = torch.bucketize(values.abs(), table).clamp_(max=7)  # exact hits; NaN blocks -> 7
-    codes = (index | (torch.signbit(values).to(index.dtype) << 3)).flatten(-2)
-    return _pack_nibbles(codes), (exponent.squeeze(-1) + E8M0_BIAS).to(torch.uint8)
+    return _pack_nibbles(_e2m1_codes(values)), (exponent.squeeze(-1) + E8M0_BIAS).to(torch.uint8)
 
 
 def unpack_mxfp4(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Inverse of ``pack_mxfp4``: the dequantized tensor [..., K]."""
-    nibbles = _unpack_nibbles(codes).long()
-    table = torch.tensor(E2M1_VALUES, device=codes.device)
-    values = torch.where(nibbles >= 8, -table[nibbles & 7], table[nibbles & 7])
-    values = values.reshape(*values.shape[:-1], -1, MX_BLOCK_SIZE)
+    values = _e2m1_values(codes, MX_BLOCK_SIZE)
     out = _mx_dequantize(values, scales.to(torch.int32).unsqueeze(-1) - E8M0_BIAS)
+    return out.flatten(-2).to(dtype)
+
+
+def pack_nvfp4(w: torch.Tensor, tensor_amax: torch.Tensor | None = None):
+    """NVFP4 storage: (codes uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], tensor
+    scale float32 scalar). Codes as ``pack_mxfp4``'s; ``tensor_amax`` as ``fake_quantize``'s."""
+    _check_floating(w)
+    resolve_group_size("nvfp4", w.shape[-1], shape=tuple(w.shape))
+    tensor_scale = nvfp4_tensor_scale(_tensor_amax(w, tensor_amax))
+    values, block_scale = _nv_quantize(w, tensor_scale)
+    return _pack_nibbles(_e2m1_codes(values)), block_scale.squeeze(-1).to(torch.float8_e4m3fn), tensor_scale
+
+
+def unpack_nvfp4(codes: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
+                 dtype: torch.dtype = torch.float32):
+    """Inverse of ``pack_nvfp4``: the dequantized tensor [..., K]."""
+    values = _e2m1_values(codes, NV_BLOCK_SIZE)
+    out = _nv_dequantize(values, block_scales.float().unsqueeze(-1), tensor_scale.float())
     return out.flatten(-2).to(dtype)
 
 
@@ -363,12 +454,12 @@ class _StraightThrough(torch.autograd.Function):
     """Forward: the fake-quantized weight. Backward: the upstream gradient unchanged."""
 
     @staticmethod
-    def forward(ctx, weight, quant_type, group_size, scale_rule):
-        return fake_quantize(weight, quant_type, group_size, scale_rule)
+    def forward(ctx, weight, quant_type, group_size, scale_rule, tensor_amax):
+        return fake_quantize(weight, quant_type, group_size, scale_rule, tensor_amax=tensor_amax)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None, None, None
+        return grad_output, None, None, None, None
 
 
 # The parameters ``learn_scales`` gives an INT4 layer: its group statistics, [out, in / g].
@@ -382,10 +473,13 @@ class FakeQuantLinear(nn.Linear):
     ``compose_weight`` on the layer (lora.py: W + s * B A), what that adapter makes of it. The
     adapter composes with the quantizer; the quantizer knows no adapter. After
     ``learn_scales`` an INT4 layer's grid comes from its learned statistics
-    (``LEARNED_STATISTICS``) instead of being measured on the latent weight.
+    (``LEARNED_STATISTICS``) instead of being measured on the latent weight. An NVFP4 layer
+    of a fused group (``fused_with``: the group's other layers) takes its tensor scale from
+    the latent weights of the whole group.
     """
 
     compose_weight = None  # an adapter's function(layer) -> the latent weight to quantize
+    fused_with = ()  # nvfp4: the other layers sharing this one's tensor scale (quantize_model sets it)
 
     def __init__(self, in_features, out_features, bias=True, *, quant_type="mxfp4", group_size=None,
                  scale_rule="floor", device=None, dtype=None, name="linear"):
@@ -419,11 +513,22 @@ class FakeQuantLinear(nn.Linear):
             return ()
         return tuple(self._parameters[n] for n in names)
 
+    def tensor_amax(self, latent: torch.Tensor | None = None) -> torch.Tensor | None:
+        """nvfp4: the amax the tensor scale comes from: the largest magnitude of the latent
+        weight (``latent``, where the caller has it) and of the fused group's; None otherwise."""
+        if self.quant_type != "nvfp4":
+            return None
+        with torch.no_grad():
+            latent = self.latent_weight() if latent is None else latent
+            return torch.stack([w.detach().abs().amax().float()
+                                for w in (latent, *(m.latent_weight() for m in self.fused_with))]).amax()
+
     def _quantize(self, latent: torch.Tensor) -> torch.Tensor:
         statistics = self.learned_statistics()
         if statistics:
             return _LearnedScaleInt4.apply(latent, self.group_size, *statistics)
-        return _StraightThrough.apply(latent, self.quant_type, self.group_size, self.scale_rule)
+        return _StraightThrough.apply(latent, self.quant_type, self.group_size, self.scale_rule,
+                                      self.tensor_amax(latent))
 
     def int4_parts(self):
         """(codes 0..15 [out, in/g, g], scale [out, in/g], zero [out, in/g]) of the quantized
@@ -441,8 +546,10 @@ class FakeQuantLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         if not self._frozen:
             return self._quantize(self.latent_weight())
-        # what the latent weight is made of: the weight and an adapter's parameters, not the bias
-        trained = [p for name, p in self.named_parameters(recurse=False) if name != "bias"]
+        # what the latent weights (its own and its fused group's) are made of: the weights and
+        # adapters' parameters, not the biases
+        trained = [p for m in (self, *self.fused_with) for name, p in m.named_parameters(recurse=False)
+                   if name != "bias"]
         if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
             raise RuntimeError("a forward with gradients inside frozen_quant() would not train the latent "
                                "weights; run it under torch.no_grad() or leave frozen_quant() first")
@@ -461,8 +568,9 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
+        fused = f", fused_with={len(self.fused_with)} layers" if self.fused_with else ""
         return (f"{super().extra_repr()}, quant_type={self.quant_type}, group_size={self.group_size}, "
-                f"scale_rule={self.scale_rule}")
+                f"scale_rule={self.scale_rule}{fused}")
 
 
 @dataclass
@@ -475,6 +583,8 @@ class QuantSettings:
     skip: tuple[str, ...] = ("lm_head",)
     layer_group_sizes: dict[str, int] = field(default_factory=dict)  # as resolved per layer
     learn_scales: bool = False  # INT4 group statistics trained as parameters (learn_scales)
+    # nvfp4: the layers that share one tensor scale (fused by serving engines), by name
+    tensor_scale_groups: list[list[str]] = field(default_factory=list)
     lora: dict | None = None  # the LoRA settings whose adapters were merged into these weights (lora.py)
 
     def to_dict(self) -> dict:
@@ -483,6 +593,22 @@ class QuantSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSettings":
         return cls(**{**d, "skip": tuple(d.get("skip", ("lm_head",)))})
+
+
+# Layers that serving engines fuse into one matmul (vLLM: qkv_proj, gate_up_proj), so that an
+# NVFP4 student's must share one tensor scale: vLLM serves a fused layer with one.
+FUSED_LAYERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def tensor_scale_groups(names) -> list[list[str]]:
+    """The groups of ``FUSED_LAYERS`` among the layer names, siblings under one module, all
+    of a group's layers present."""
+    children = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        children.setdefault(parent, set()).add(child)
+    return [[f"{parent}.{child}" if parent else child for child in fused]
+            for parent, present in children.items() for fused in FUSED_LAYERS if set(fused) <= present]
 
 
 # Where the settings travel with a model: config.json of every saved checkpoint.
@@ -500,8 +626,9 @@ def quantize_model(model: nn.Module, quant_type: str, group_size: int | None = N
     """Swap every ``nn.Linear`` not named in ``skip`` for a ``FakeQuantLinear`` in place.
 
     Parameters are shared, not copied (an optimizer built before still sees them; tied
-    embeddings are untouched). Returns how many layers were wrapped and records the
-    settings on ``model.quant_settings`` and, for Hugging Face models, in the config.
+    embeddings are untouched). NVFP4 layers that serving engines fuse share their tensor
+    scale (``FUSED_LAYERS``). Returns how many layers were wrapped and records the settings
+    on ``model.quant_settings`` and, for Hugging Face models, in the config.
     """
     _check_quant_type(quant_type)
     _check_scale_rule(scale_rule)
@@ -522,6 +649,12 @@ def quantize_model(model: nn.Module, quant_type: str, group_size: int | None = N
         setattr(parent, child, FakeQuantLinear.from_linear(
             linear, name=name, quant_type=quant_type, group_size=settings.layer_group_sizes[name],
             scale_rule=scale_rule))
+    if quant_type == "nvfp4":
+        settings.tensor_scale_groups = tensor_scale_groups(name for name, _ in targets)
+        for group in settings.tensor_scale_groups:
+            layers = [model.get_submodule(name) for name in group]
+            for layer in layers:  # a plain list: no submodules, nothing more in the state dict
+                layer.fused_with = [other for other in layers if other is not layer]
     record_settings(model, settings)
     return len(targets)
 
@@ -531,7 +664,9 @@ def quantize_model_from_settings(model: nn.Module, settings: QuantSettings | dic
     if isinstance(settings, dict):
         settings = QuantSettings.from_dict(settings)
     count = quantize_model(model, settings.quant_type, settings.group_size, settings.skip, settings.scale_rule)
-    if settings.layer_group_sizes and model.quant_settings.layer_group_sizes != settings.layer_group_sizes:
+    rebuilt = model.quant_settings
+    if (settings.layer_group_sizes and rebuilt.layer_group_sizes != settings.layer_group_sizes) or \
+            rebuilt.tensor_scale_groups != settings.tensor_scale_groups:
         raise ValueError("the model's layers do not match the recorded quantization settings "
                          "(different architecture or version?)")
     if settings.learn_scales:  # placeholders from the latent weights; the caller loads the saved ones
@@ -582,7 +717,7 @@ def frozen_quant(model: nn.Module, dtype: torch.dtype | None = None):
 
     ``dtype`` (e.g. bfloat16): the cache holds the quantized weights in it and those layers
     compute in it (input cast to it, output cast back), so decoding reads half the bytes.
-    MXFP4 weights are exact in bfloat16; INT4 weights and the activations are rounded.
+    MXFP4 and NVFP4 weights are exact in bfloat16; INT4 weights and the activations are rounded.
     """
     layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     for layer in layers:

@@ -62,7 +62,7 @@ def student_settings(checkpoint: Path) -> dict:
         return compressed_tensors_settings(config["quantization_config"], checkpoint)
     if not config.get(CONFIG_KEY):
         raise BadInput(f"{checkpoint} has no quantization settings ('{CONFIG_KEY}' in config.json); it is not a "
-                       f"student saved by train.py with --quant-type mxfp4/int4/int4_sym")
+                       f"student saved by train.py with --quant-type mxfp4/nvfp4/int4/int4_sym")
     return config[CONFIG_KEY]
 
 

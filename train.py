@@ -57,10 +57,10 @@ class TrainConfig:
     loss_temperature: float = 1.0  # temperature of the distributions the loss compares
     jsd_normalize: bool = False  # divide the interior JSD by beta * (1 - beta)
     seq_kd: bool = False  # off-policy steps use teacher samples instead of dataset completions
-    quant_type: str = "mxfp4"  # mxfp4 | int4 | int4_sym | none
+    quant_type: str = "mxfp4"  # mxfp4 | nvfp4 | int4 | int4_sym | none
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
     scale_rule: str | None = None  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per
-    # block; the default for mxfp4); INT4 has no scale rule (floor is recorded)
+    # block; the default for mxfp4); INT4 and NVFP4 have no scale rule (floor is recorded)
     init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
@@ -102,7 +102,7 @@ class TrainConfig:
     config: str | None = None
 
 
-QUANT_CHOICES = ("mxfp4", "int4", "int4_sym", "none")
+QUANT_CHOICES = ("mxfp4", "nvfp4", "int4", "int4_sym", "none")
 INIT_CHOICES = ("rtn", "gptq")
 GPTQ_LATENT_CHOICES = ("values", "unrounded")
 CHOICES = {"quant_type": QUANT_CHOICES, "init": INIT_CHOICES, "gptq_latent": GPTQ_LATENT_CHOICES}
@@ -199,9 +199,12 @@ def validate(c: TrainConfig) -> None:
         raise BadInput(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
     if c.init == "gptq" and c.quant_type == "none":
         raise BadInput("--init gptq quantizes the student's start; it needs a --quant-type other than none")
+    if c.init == "gptq" and c.quant_type == "nvfp4":
+        raise BadInput("--init gptq has no nvfp4 grid (its tensor scale moves with GPTQ's updates); start nvfp4 "
+                       "from round-to-nearest (--init rtn) or use mxfp4, int4 or int4_sym")
     if c.learn_scales and c.quant_type not in ("int4", "int4_sym"):
-        raise BadInput(f"--learn-scales trains INT4 group scales; {c.quant_type} has none to learn (an MXFP4 scale is "
-                       f"a power of two that --scale-rule re-chooses from the weights at every step)")
+        raise BadInput(f"--learn-scales trains INT4 group scales; {c.quant_type} has none to learn (MXFP4 and NVFP4 "
+                       f"scales are re-chosen from the weights at every step)")
     if c.learn_scales and c.lora_r:
         raise BadInput("--learn-scales with --lora-r: the adapters' checkpoints would not hold the learned scales; "
                        "use one of them")

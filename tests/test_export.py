@@ -13,7 +13,7 @@ from conftest import tiny_model
 import eval as evaluation
 import export
 import students
-from quant import FakeQuantLinear, fake_quantize, quantize_model
+from quant import FakeQuantLinear, fake_quantize, nvfp4_tensor_scale, quantize_model
 
 
 def make_student(path: Path, tokenizer, arch="llama", quant_type="mxfp4", scale_rule="floor", group_size=None,
@@ -56,7 +56,7 @@ def load_compressed(out: Path, dequantize: bool):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("quant_type, scale_rule", [("mxfp4", "floor"), ("mxfp4", "rceil"), ("mxfp4", "mse"),
-                                                      ("int4_sym", "floor")])
+                                                      ("nvfp4", "floor"), ("int4_sym", "floor")])
 def test_compressed_tensors_export_is_the_students_function(tmp_path, embedded_tokenizer, arch, quant_type,
                                                             scale_rule, capsys):
     checkpoint = make_student(tmp_path / "student", embedded_tokenizer, arch, quant_type, scale_rule)
@@ -65,27 +65,88 @@ def test_compressed_tensors_export_is_the_students_function(tmp_path, embedded_t
     config = json.loads((out / "config.json").read_text())
     quantization = config["quantization_config"]
     assert quantization["quant_method"] == "compressed-tensors" and quantization["quantization_status"] == "compressed"
-    assert quantization["format"] == {"mxfp4": "mxfp4-pack-quantized", "int4_sym": "pack-quantized"}[quant_type]
+    assert quantization["format"] == {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized",
+                                      "int4_sym": "pack-quantized"}[quant_type]
     student = student_of(checkpoint)
     layers = dict(export.quantized_layers(student))
     targets = [t for group in quantization["config_groups"].values() for t in group["targets"]]
     assert sorted(targets) == sorted(layers) and quantization["ignore"] == ["lm_head"]
     for group in quantization["config_groups"].values():
         weights = group["weights"]
-        assert (weights["num_bits"], weights["symmetric"], weights["strategy"]) == (4, True, "group")
-        assert weights["type"] == ("float" if quant_type == "mxfp4" else "int")
+        strategy = "tensor_group" if quant_type == "nvfp4" else "group"
+        assert (weights["num_bits"], weights["symmetric"], weights["strategy"]) == (4, True, strategy)
+        assert weights["type"] == ("int" if quant_type == "int4_sym" else "float")
     assert "fake_quant" not in config and config["qakd_quantization"]["quant_type"] == quant_type
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
-    assert "4.25 bits per parameter" in capsys.readouterr().out if quant_type == "mxfp4" else True
+    bits = {"mxfp4": "4.25", "nvfp4": "4.50"}.get(quant_type)
+    assert f"{bits} bits per parameter" in capsys.readouterr().out if bits else True
     assert_loads_as_the_student(out, student, quant_type, scale_rule, len(embedded_tokenizer))
+
+
+def test_nvfp4_global_scales_are_the_reciprocal_tensor_scales_shared_by_fused_layers(tmp_path, embedded_tokenizer):
+    from safetensors.torch import load_file
+
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "nvfp4")
+    student = student_of(checkpoint)
+    with torch.no_grad():  # k_proj the largest of its group: q and v take k's tensor scale
+        student.model.layers[0].self_attn.k_proj.weight.mul_(20)
+    student.save_pretrained(checkpoint)
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    tensors = load_file(out / "model.safetensors")
+    layers = dict(export.quantized_layers(student))
+    for name, layer in layers.items():
+        assert tensors[f"{name}.weight_scale"].dtype == torch.float8_e4m3fn
+        expected = 1 / nvfp4_tensor_scale(layer.tensor_amax())
+        assert torch.equal(tensors[f"{name}.weight_global_scale"], expected.reshape(1)), name
+    global_scale = {name: tensors[f"{name}.weight_global_scale"].item() for name in layers}
+    attention = "model.layers.0.self_attn."
+    k_amax = student.model.layers[0].self_attn.k_proj.weight.abs().amax()
+    assert global_scale[attention + "q_proj"] == global_scale[attention + "v_proj"] == \
+        1 / nvfp4_tensor_scale(k_amax).item() != global_scale[attention + "o_proj"]
+    for group in student.quant_settings.tensor_scale_groups:
+        assert len({global_scale[name] for name in group}) == 1, group
+    assert_loads_as_the_student(out, student, "nvfp4", "floor", len(embedded_tokenizer))
+
+
+def test_compressed_tensors_unpacks_nvfp4_to_bfloat16_so_only_a_power_of_two_tensor_scale_ships_exactly():
+    """Why the NVFP4 tensor scale is a power of two (quant.py): compressed-tensors unpacks
+    to bfloat16, multiplying by block scale / global scale; with torchao's amax / 2688
+    itself the unpacked weights are not the float32 ones the student computed with."""
+    from compressed_tensors.compressors import NVFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    import quant
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    scheme = preset_name_to_scheme("NVFP4A16", ["layer"])
+
+    def shipped(tensor_scale):
+        values, block_scale = quant._nv_quantize(w, tensor_scale)
+        dequantized = quant._nv_dequantize(values, block_scale, tensor_scale).flatten(-2)
+        packed = NVFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": block_scale.squeeze(-1),
+                                                 "weight_global_scale": (1 / tensor_scale).reshape(1)}, scheme)
+        unpacked = NVFP4PackedCompressor.decompress(packed, scheme)["weight"]
+        return dequantized, unpacked
+
+    trained, unpacked = shipped(w.abs().amax() / (448 * 6))
+    assert unpacked.dtype == torch.bfloat16 and not torch.equal(unpacked.float(), trained)
+    trained, unpacked = shipped(nvfp4_tensor_scale(w.abs().amax()))
+    assert torch.equal(unpacked.float(), trained)
 
 
 def assert_loads_as_the_student(out: Path, student, quant_type: str, scale_rule: str, vocab: int):
     """Unpacked by compressed-tensors, not by our code: every linear weight is the student's
     quantized weight bit for bit, and the logits agree."""
     loaded = load_compressed(out, dequantize=True)
-    for name, layer in export.quantized_layers(student):
-        expected = fake_quantize(layer.weight.detach(), quant_type, layer.group_size, scale_rule)
+    layers = dict(export.quantized_layers(student))
+    for name, layer in layers.items():
+        tensor_amax = None
+        if quant_type == "nvfp4":  # the largest magnitude of its fused group, or its own
+            group = next((g for g in student.quant_settings.tensor_scale_groups if name in g), [name])
+            tensor_amax = max(layers[n].weight.detach().abs().amax() for n in group)
+        expected = fake_quantize(layer.weight.detach(), quant_type, layer.group_size, scale_rule,
+                                 tensor_amax=tensor_amax)
         assert torch.equal(loaded.get_submodule(name).weight.detach().float(), expected), name
     ids = prompts(vocab)
     assert_same_logits(student, loaded, ids)
@@ -185,10 +246,13 @@ def test_eval_takes_the_export_as_a_row(tmp_path, embedded_tokenizer, monkeypatc
     ("int4", "compressed-tensors", "--quant-type int4 students (asymmetric, float zero point"),
     ("int4", "gguf", "--quant-type int4 students (asymmetric, float zero point"),
     ("int4_sym", "gguf", "--format gguf writes MXFP4 blocks; this student is int4_sym"),
+    ("nvfp4", "gguf", "--format gguf cannot hold this nvfp4 student exactly: llama.cpp's NVFP4 blocks have no "
+                      "tensor scale"),
 ])
 def test_a_format_that_cannot_hold_the_student_is_refused(tmp_path, embedded_tokenizer, capsys, quant_type,
                                                           export_format, message):
-    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", quant_type, group_size=32)
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", quant_type,
+                              group_size=16 if quant_type == "nvfp4" else 32)
     capsys.readouterr()
     assert export.main([str(checkpoint), "--format", export_format, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

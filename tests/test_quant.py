@@ -248,7 +248,7 @@ def test_explicit_group_size_is_strict_and_the_error_names_the_layer():
 
 
 def test_bad_quant_type_scale_rule_and_dtype_are_rejected_clearly():
-    with pytest.raises(ValueError, match="valid: mxfp4, int4, int4_sym"):
+    with pytest.raises(ValueError, match="valid: mxfp4, nvfp4, int4, int4_sym"):
         fake_quantize(torch.randn(4, 32), "fp4")
     with pytest.raises(ValueError, match="valid: floor, rceil"):
         fake_quantize(torch.randn(4, 32), "mxfp4", scale_rule="ceil")

@@ -59,6 +59,10 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--rollout-dtype", "float16"], "--rollout-dtype must be float32 or bfloat16"),
     (["--mixed-precision", "fp16"], "--mixed-precision must be no or bf16"),
     (["--quant-type", "int4_sym", "--scale-rule", "mse"], "--scale-rule mse chooses MXFP4 block exponents"),
+    (["--quant-type", "nvfp4", "--scale-rule", "rceil"], "--scale-rule rceil chooses MXFP4 block exponents; nvfp4 "
+                                                         "has no such choice"),
+    (["--quant-type", "nvfp4", "--init", "gptq"], "--init gptq has no nvfp4 grid"),
+    (["--quant-type", "nvfp4", "--learn-scales"], "--learn-scales trains INT4 group scales; nvfp4 has none to learn"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
     (["--lora-alpha=-inf"], "--lora-alpha must be a finite number, got -inf"),
@@ -114,17 +118,18 @@ def test_a_launcher_precision_other_than_the_flag_is_one_line_and_writes_nothing
     assert not (tmp_path / "run").exists()
 
 
-def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4():
+def test_the_scale_rule_defaults_to_least_error_for_mxfp4_and_is_recorded_as_floor_for_int4_and_nvfp4():
     assert train.parse_config([]).scale_rule == "mse"
     assert train.parse_config(["--scale-rule", "floor"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4_sym"]).scale_rule == "floor"
+    assert train.parse_config(["--quant-type", "nvfp4"]).scale_rule == "floor"
     assert train.parse_config(["--quant-type", "int4", "--scale-rule", "floor"]).scale_rule == "floor"
 
 
 def test_unknown_flag_or_choice_is_one_line(capsys):
     assert train.main(["--quant-type", "fp3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "mxfp4, int4, int4_sym, none" in err.replace("'", "") and len(err.splitlines()) == 1
+    assert "mxfp4, nvfp4, int4, int4_sym, none" in err.replace("'", "") and len(err.splitlines()) == 1
     assert train.main(["--no-such-flag", "1"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
@@ -186,6 +191,27 @@ def test_on_policy_run_trains_on_student_generations(tmp_path, tiny_checkpoint, 
     rows = metrics(out)
     assert all(r["on_policy"] for r in rows) and rows[-1]["on_policy_fraction"] == 1.0
     assert all(r["generation_s"] > 0 and r["completion_tokens"] <= 2 * 6 for r in rows)
+
+
+def test_an_nvfp4_run_trains_on_policy_and_saves_a_student_rebuilt_with_its_shared_tensor_scales(
+        tmp_path, tiny_checkpoint, chat_dataset):
+    import students
+    from quant import fake_quantize
+
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "1")
+    at = argv.index("--quant-type")
+    argv[at:at + 4] = ["--quant-type", "nvfp4"]  # and no --group-size
+    assert train.main(argv) == 0
+    assert all(r["on_policy"] for r in metrics(out))
+    student, _, settings = students.load_student(out / "checkpoint-2")
+    assert settings["quant_type"] == "nvfp4" and len(settings["tensor_scale_groups"]) == 2 * 2
+    attention = student.model.layers[0].self_attn
+    amax = max(m.weight.abs().amax() for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert torch.equal(attention.v_proj.quantized_weight(),
+                       fake_quantize(attention.v_proj.weight.detach(), "nvfp4", tensor_amax=amax))
+    assert not torch.equal(weights(out / "checkpoint-2")["model.layers.0.mlp.up_proj.weight"],
+                           weights(tiny_checkpoint)["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_fused_and_materialised_losses_agree(tmp_path, tiny_checkpoint, chat_dataset):
@@ -744,6 +770,25 @@ def test_fsdp2_on_two_processes_saves_resumes_and_evaluates_like_one_process(tmp
             assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
     final = weights(alone / "checkpoint-3")
     for k, t in final.items():
+        torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
+
+
+def test_an_nvfp4_student_sharded_by_fsdp2_trains_like_one_process(tmp_path, tiny_checkpoint, chat_dataset):
+    # a fused group's tensor scale reads its siblings' weights: they are unsharded with it
+    common = ("--max-steps", "2", "--lmbda", "0.5", "--seed", "5")
+    sharded, alone = tmp_path / "sharded", tmp_path / "alone"
+    argv = {}
+    for out in (sharded, alone):
+        argv[out] = tiny_args(tiny_checkpoint, chat_dataset, out, *common)
+        at = argv[out].index("--quant-type")
+        argv[out][at:at + 4] = ["--quant-type", "nvfp4"]
+    fsdp_train(*argv[sharded])
+    assert train.main([*argv[alone], "--gradient-accumulation-steps", "2"]) == 0
+    assert [r["on_policy"] for r in metrics(sharded)] == [r["on_policy"] for r in metrics(alone)]
+    for a, b in zip(metrics(sharded), metrics(alone)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    saved, single = weights(sharded / "checkpoint-2"), weights(alone / "checkpoint-2")
+    for k, t in single.items():
         torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
 
 
