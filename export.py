@@ -451,21 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_snippets(out: Path, export_format: str) -> dict[str, str]:
+def load_snippets(out: Path, export_format: str, rope_scaled: bool = False) -> dict[str, str]:
     """How to run the export, by tool: Python and shell snippets that run as written from the
     directory export.py was run in (tests/test_export.py runs the transformers ones, and
-    tests/test_engines.py the llama.cpp one)."""
+    tests/test_engines.py the llama.cpp one). A GGUF with Llama 3 rotary scaling gets no
+    transformers snippet: transformers' GGUF loader drops the scaling."""
     if export_format == "compressed-tensors":
         return {"transformers": f"""import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# bfloat16 or float32: the 4-bit weights are unpacked at load time, exactly
-model = AutoModelForCausalLM.from_pretrained("{out}", dtype=torch.bfloat16)
+# float32 holds the trained 4-bit weights exactly; bfloat16 runs too (exact for MXFP4 and
+# NVFP4; INT4 weights round to bfloat16)
+model = AutoModelForCausalLM.from_pretrained("{out}", dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained("{out}")
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=8, do_sample=False)[0]))
 """, "vllm": f"vllm serve {out}"}
-    return {"transformers": f"""import torch
+    snippets = {"transformers": f"""import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # transformers dequantizes the GGUF's MXFP4 blocks to float32 (the same values)
@@ -478,16 +480,22 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=8, do_sample=Fals
 llm = Llama(model_path="{out / GGUF_FILE}", verbose=False)
 print(llm("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"])
 """, "llama.cpp": f"llama-cli -m {out / GGUF_FILE} -p 'The capital of France is' -n 8"}
+    if rope_scaled:
+        del snippets["transformers"]
+    return snippets
 
 
-def write_model_card(directory: Path, out: Path, export_format: str, settings: dict, run_config: dict) -> None:
+def write_model_card(directory: Path, out: Path, export_format: str, settings: dict, run_config: dict,
+                     student_config) -> None:
     """README.md beside the weights: what the model is and how to run it."""
     quant = settings["quant_type"] + (f", groups of {settings['group_size']}" if settings.get("group_size") else "")
     lines = [f"# {out.name}", "",
              f"A 4-bit student ({quant}; every linear layer but `lm_head`) distilled by qakd from "
              f"`{run_config.get('model') or 'the embedded SmolLM2-135M-Instruct'}`, exported as {export_format}. "
              f"Its weights are the trained student's 4-bit weights bit for bit.", "", "## Run it", ""]
-    for tool, snippet in load_snippets(out, export_format).items():
+    rope = getattr(student_config, "rope_parameters", None) or {}
+    rope_scaled = export_format == "gguf" and rope.get("rope_type", "default") != "default"
+    for tool, snippet in load_snippets(out, export_format, rope_scaled).items():
         language = "python" if "import" in snippet else "bash"
         lines += [f"{tool}:", "", f"```{language}", snippet.rstrip(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))
@@ -524,7 +532,7 @@ def export(checkpoint_path: str, export_format: str, out: Path, overwrite: bool 
                 write_gguf(student, tokenizer, settings, run_config, staging)
         if run_config_file.exists():  # eval.py finds the teacher of an exported row here
             shutil.copy(run_config_file, staging / "run_config.json")
-        write_model_card(staging, out, export_format, settings, run_config)
+        write_model_card(staging, out, export_format, settings, run_config, student.config)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -48,6 +48,9 @@ from the latent weight so the student starts as the same function, trained by LS
 gradient (Esser et al. 2020; LSQ+ for the minimum) scaled by 1 / sqrt(group size * Qp) as in
 ParetoQ; the latent weight's gradient is zero where its code clips, as in LSQ. The codes
 are those of the formulas above with the learned statistics in place of the measured ones.
+Under Adam the gradient scale cancels (it only weighs the statistics in gradient clipping):
+a statistic moves about the learning rate a step in absolute units, so a group whose amax
+is not far above lr x steps can collapse (an amax at zero quantizes its group to 0).
 
 All rounding is ``torch.round`` (half to even). Group sizes never pad: a dimension the
 block or group size does not divide is an error that names the layer and its shape.
@@ -335,8 +338,8 @@ class _LearnedScaleInt4(torch.autograd.Function):
         per_scale = grad * torch.where(inside, torch.round(position) - position, code)
         grad_scale = per_scale.sum(-1) / (g * high) ** 0.5
         grad_weight = (grad * inside).reshape(weight.shape).to(weight.dtype)
-        if symmetric:
-            return grad_weight, None, grad_scale / 7.5
+        if symmetric:  # no gradient where the forward clamped the amax
+            return grad_weight, None, grad_scale * (statistics[0] > _SMALLEST_STATISTIC).squeeze(-1) / 7.5
         grad_offset = (grad * ~inside).sum(-1) / (g * high) ** 0.5
         # scale = max(max - min, eps) / 15 and offset = min
         grad_scale = grad_scale * (statistics[1] - statistics[0] > INT4_ASYM_EPS).squeeze(-1) / 15

@@ -125,6 +125,11 @@ def load_student(checkpoint: Path):
     settings = student_settings(checkpoint)
     if (checkpoint / GGUF_FILE).exists() and not (checkpoint / "config.json").exists():
         # export.py's GGUF directory: transformers dequantizes it (gguf-py) to float32
+        import gguf
+
+        if any(t.name == "rope_freqs.weight" for t in gguf.GGUFReader(checkpoint / GGUF_FILE).tensors):
+            raise BadInput(f"{checkpoint / GGUF_FILE} scales its rotary embedding (Llama 3), which transformers' "
+                           f"GGUF loader drops; evaluate the checkpoint or its compressed-tensors export instead")
         model, tokenizer = load_model(checkpoint / GGUF_FILE)
         return model.eval(), tokenizer, settings
     config = json.loads((checkpoint / "config.json").read_text())

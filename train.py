@@ -311,8 +311,16 @@ def prepare_student(student, c: TrainConfig) -> None:
         quantize_model_from_settings(student, saved_settings)
         if saved_settings.get("learn_scales"):  # not weights to transformers: loaded here
             from checkpoints import load_weights
+            from models import resolve_model_source
 
-            load_weights(student, Path(c.student_model))
+            source = Path(resolve_model_source(c.student_model or c.model))
+            if not (source / "model.safetensors").exists():
+                raise BadInput(f"{source}: a student with learned scales starts only from a checkpoint directory "
+                               f"saved by train.py (checkpoint-N)")
+            if c.init == "gptq":
+                raise BadInput("--init gptq would move the latent weights under this student's saved learned scales; "
+                               "start GPTQ from the full-precision model instead")
+            load_weights(student, source)
         log.info("student keeps its saved quantization (%s)", saved_settings["quant_type"])
     elif c.quant_type != "none":
         count = quantize_model(student, c.quant_type, c.group_size, scale_rule=c.scale_rule)
@@ -418,6 +426,10 @@ def set_up(c: TrainConfig) -> Run:
         raise BadInput("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
                        "themselves, so the quantizer would train on bf16-rounded weights and the checkpoint would hold "
                        "another function; run FSDP with --mixed-precision no (mixed_precision: 'no' in its config)")
+    if c.learn_scales and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            os.environ.get("FSDP_VERSION", "1") != "2":
+        raise BadInput("--learn-scales under FSDP 1: it replaces the layers' parameters with flat views, so the "
+                       "learned scales would not train; use FSDP 2 (fsdp_version: 2, as configs/accelerate_fsdp.yaml)")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
     if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's
         raise BadInput(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or "
@@ -439,12 +451,15 @@ def set_up(c: TrainConfig) -> Run:
             # from the start's weights (a resumed run's saved scales load over them)
             log.info("student: learned scales in %d layers", learn_scales(student))
         need_completions = c.lmbda < 1 and not c.seq_kd
-        examples = examples_in_use_order(records, tokenizer, c.max_length,
-                                         c.max_steps * examples_per_step(c, accelerator.num_processes), c.seed,
+        per_step = examples_per_step(c, accelerator.num_processes)
+        # grouped: whole windows, so a resumed run with more --max-steps regroups nothing it has used
+        drawn_steps = (math.ceil(c.max_steps / LENGTH_GROUP_WINDOW_STEPS) * LENGTH_GROUP_WINDOW_STEPS
+                       if c.group_by_length else c.max_steps)
+        examples = examples_in_use_order(records, tokenizer, c.max_length, drawn_steps * per_step, c.seed,
                                          c.min_completion_tokens, need_completions=need_completions)
         if c.group_by_length:
-            per_step = examples_per_step(c, accelerator.num_processes)
-            examples = group_by_length(examples, per_step, per_step * LENGTH_GROUP_WINDOW_STEPS, c.seed)
+            examples = group_by_length(examples, per_step, per_step * LENGTH_GROUP_WINDOW_STEPS,
+                                       c.seed)[:c.max_steps * per_step]
         eval_examples = (heldout_examples(tokenizer, c.eval_dataset, c.eval_dataset_split, c.max_length)
                          if c.eval_steps else [])
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # BadInput is a ValueError too

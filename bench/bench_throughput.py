@@ -7,7 +7,8 @@ for every variant, each variant a fresh student, the first step a warm-up, media
 rest:
 
 * ``as drawn``: float32, batches as train.py draws them (the baseline);
-* ``grouped``: float32, ``--group-by-length`` batches (similar lengths share a step);
+* ``grouped``: float32, the same examples regrouped as ``--group-by-length`` does (similar
+  lengths share a step; the warm-up step included, so step times differ, totals do not);
 * ``bf16`` / ``bf16 grouped``: the same under ``--mixed-precision bf16`` (the student's
   forward autocast to bfloat16 as accelerate does; weights, optimizer and teacher float32);
   ``+ bf16 teacher``: also ``--teacher-dtype bfloat16``;
@@ -34,8 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import (LENGTH_GROUP_WINDOW_STEPS, build_batch, examples_in_use_order, group_by_length,  # noqa: E402
-                  load_records)
+from data import build_batch, examples_in_use_order, group_by_length, load_records  # noqa: E402
 from losses import DistillationLoss  # noqa: E402
 from models import load_model  # noqa: E402
 from quant import FakeQuantLinear, quantize_model  # noqa: E402
@@ -106,11 +106,14 @@ def run_variant(teacher, student_start, tokenizer, examples, micro_batch: int, s
 def quantization_seconds(student) -> float:
     """One pass of every layer's fake quantization: what each student forward recomputes."""
     layers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
+    times = []
     with torch.no_grad():
-        started = time.perf_counter()
-        for layer in layers:
-            layer.quantized_weight()
-    return time.perf_counter() - started
+        for _ in range(4):  # the first pass warms up
+            started = time.perf_counter()
+            for layer in layers:
+                layer.quantized_weight()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -128,9 +131,10 @@ def main() -> None:
     student = copy.deepcopy(teacher)
     quantize_model(student, "mxfp4", scale_rule="mse")
     step_examples = 8  # every variant sees the same examples per step: 8 = 2 x 4 = 1 x 8 = 4 x 2
-    count = step_examples * (args.steps + 1) * LENGTH_GROUP_WINDOW_STEPS
+    # the measured steps' examples, as drawn and regrouped among themselves: the same tokens
+    count = step_examples * (args.steps + 1)
     drawn = examples_in_use_order(load_records(str(DATASET)), tokenizer, MAX_LENGTH, count, args.seed)
-    grouped = group_by_length(drawn, step_examples, step_examples * LENGTH_GROUP_WINDOW_STEPS, args.seed)
+    grouped = group_by_length(drawn, step_examples, count, args.seed)
     teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
     variants = {"as drawn": (drawn, args.batch_size, False, teacher),
                 "grouped": (grouped, args.batch_size, False, teacher),

@@ -169,3 +169,20 @@ def test_the_model_cards_llama_cpp_python_snippet_runs_as_written(llama_cpp, tmp
     assert snippet.strip() in (out / "README.md").read_text()
     ran = subprocess.run([str(llama_cpp), "-c", snippet], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-500:]
+
+
+def test_a_llama_3_scaled_gguf_is_refused_as_an_eval_row_and_its_card_has_no_transformers_snippet(tmp_path,
+                                                                                                   tokenizer):
+    import export
+    from students import load_student
+
+    model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                       max_position_embeddings=256, rope_parameters=LLAMA3_ROPE)
+    student_of(model).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = tmp_path / "export"
+    assert export.main([str(tmp_path / "student"), "--format", "gguf", "--out", str(out)]) == 0
+    with pytest.raises(BadInput, match="transformers' GGUF loader drops"):
+        load_student(out)
+    card = (out / "README.md").read_text()
+    assert "gguf_file=" not in card and "from llama_cpp import Llama" in card

@@ -879,3 +879,28 @@ def test_every_preset_parses_and_trains_a_student_export_can_ship(preset):
     c = train.parse_config(["--config", str(preset)])
     train.validate(c)  # raises BadInput on a value train.py would refuse
     export.check_exportable({"quant_type": c.quant_type}, "compressed-tensors")
+
+
+def test_group_by_length_changes_which_examples_share_a_step_and_a_longer_run_regroups_none_already_used(
+        tmp_path, tiny_checkpoint, chat_dataset):
+    losses = {}
+    for name, extra in (("short", ["--max-steps", "2", "--group-by-length"]),
+                        ("long", ["--max-steps", "20", "--stop-after", "2", "--group-by-length"]),
+                        ("as drawn", ["--max-steps", "2"])):
+        out = tmp_path / name.replace(" ", "_")
+        assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--seed", "5", "--lmbda", "0", *extra)) == 0
+        losses[name] = [r["loss"] for r in metrics(out) if "loss" in r][:2]
+    # the first update has learning rate 0 (warm-up), so both steps' losses depend on their examples alone
+    assert losses["short"] == losses["long"]
+    assert losses["short"] != losses["as drawn"]
+
+
+def test_learned_scales_under_fsdp_1_are_refused_before_anything_is_written(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--quant-type", "int4_sym", "--learn-scales")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--learn-scales under FSDP 1" in err and len(err.splitlines()) == 1
+    assert not out.exists()
