@@ -57,3 +57,18 @@ def chat_dataset(tmp_path_factory):
                                              {"role": "assistant", "content": f"Here is a fact about {topic}."}]})
                     + "\n")
     return path
+
+
+def assert_rebuilt_from_its_config(model, path, ids):
+    """Saved and reloaded, the student rebuilt from the settings in its config computes the
+    same logits; returns the reloaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from quant import quantize_model_from_settings
+
+    expected = model(ids).logits
+    model.save_pretrained(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert quantize_model_from_settings(reloaded, reloaded.config.fake_quant) == 14
+    assert torch.equal(reloaded(ids).logits, expected)
+    return reloaded

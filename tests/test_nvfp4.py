@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quant
-from conftest import tiny_model
+from conftest import assert_rebuilt_from_its_config, tiny_model
 from quant import (E2M1_VALUES, FakeQuantLinear, fake_quantize, frozen_quant, nvfp4_tensor_scale, pack_nvfp4,
                    quantize_model, quantize_model_from_settings, resolve_group_size, unpack_nvfp4)
 
@@ -326,12 +326,7 @@ def test_a_saved_nvfp4_student_is_rebuilt_exactly_from_its_config(tmp_path, tiny
     quantize_model(tiny, "nvfp4")
     with torch.no_grad():
         fused(tiny)[0].k_proj.weight.mul_(1000)
-    ids = torch.randint(0, 128, (1, 10))
-    expected = tiny(ids).logits
-    tiny.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert quantize_model_from_settings(reloaded, reloaded.config.fake_quant) == 14
-    assert torch.equal(reloaded(ids).logits, expected)
+    reloaded = assert_rebuilt_from_its_config(tiny, tmp_path, torch.randint(0, 128, (1, 10)))
     tampered = dict(reloaded.config.fake_quant, tensor_scale_groups=[])
     with pytest.raises(ValueError, match="do not match the recorded quantization settings"):
         quantize_model_from_settings(AutoModelForCausalLM.from_pretrained(tmp_path), tampered)

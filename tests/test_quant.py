@@ -10,10 +10,10 @@ from torch import nn
 
 import quant
 from quant import (E2M1_VALUES, FakeQuantLinear, fake_quantize, frozen_quant, pack_int4, pack_mxfp4,
-                   quantize_model, quantize_model_from_settings, resolve_group_size, unpack_int4,
+                   quantize_model, resolve_group_size, unpack_int4,
                    unpack_mxfp4)
 
-from conftest import tiny_model
+from conftest import assert_rebuilt_from_its_config, tiny_model
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
@@ -338,15 +338,8 @@ def test_quantize_model_errors_leave_the_model_untouched():
 
 
 def test_saved_student_is_rebuilt_exactly_from_its_config(tmp_path, tiny):
-    from transformers import AutoModelForCausalLM
-
     quantize_model(tiny, "int4_sym", 32)
-    ids = torch.randint(0, 128, (1, 10))
-    expected = tiny(ids).logits
-    tiny.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert quantize_model_from_settings(reloaded, reloaded.config.fake_quant) == 14
-    assert torch.equal(reloaded(ids).logits, expected)
+    assert_rebuilt_from_its_config(tiny, tmp_path, torch.randint(0, 128, (1, 10)))
 
 
 def test_frozen_quant_quantizes_once_and_matches_the_uncached_forward(tiny, monkeypatch):
