@@ -249,30 +249,6 @@ def _tensor_amax(x: torch.Tensor, tensor_amax: torch.Tensor | None) -> torch.Ten
 
 # ---------------------------------------------------------------- INT4
 
-def _int4_quantize(x: torch.Tensor, group_size: int, symmetric: bool):
-    """(codes 0..15 as float32 in groups [..., K/g, g], scale [..., K/g, 1], zero [..., K/g, 1]).
-
-    Dequantization is (code - 8) * scale + zero for both variants (zero = 0 when symmetric).
-    """
-    xg = _blocks(x, group_size)
-    if symmetric:
-        amax = xg.abs().amax(-1, keepdim=True)
-        amax = torch.where(amax == 0, 1.0, amax)
-        # w / amax * 7.5 rather than w / scale: the group's extreme lands exactly on the
-        # tie +-7.5 (-> -8, +8 clamped to 7) instead of wherever amax / 7.5 rounded.
-        codes = torch.round(xg / amax * 7.5).clamp_(-8, 7).add_(8)
-        scale = amax / 7.5
-        return codes, scale, torch.zeros_like(scale)
-    low = xg.amin(-1, keepdim=True)
-    scale = (xg.amax(-1, keepdim=True) - low).clamp_(min=INT4_ASYM_EPS) / 15
-    codes = torch.round((xg - low) / scale).clamp_(0, 15)
-    return codes, scale, low + scale * 8
-
-
-def _int4_dequantize(codes, scale, zero):
-    return (codes - 8) * scale + zero
-
-
 # A learned amax or range never reaches zero: the codes divide by it.
 _SMALLEST_STATISTIC = torch.finfo(torch.float32).tiny
 
@@ -286,21 +262,38 @@ def int4_statistics(x: torch.Tensor, group_size: int, symmetric: bool) -> tuple[
     return xg.amin(-1), xg.amax(-1)
 
 
+def _int4_quantize(x: torch.Tensor, group_size: int, symmetric: bool):
+    """(codes 0..15 as float32 in groups [..., K/g, g], scale [..., K/g, 1], zero [..., K/g, 1])
+    from the groups' measured statistics.
+
+    Dequantization is (code - 8) * scale + zero for both variants (zero = 0 when symmetric).
+    """
+    statistics = tuple(s.unsqueeze(-1) for s in int4_statistics(x, group_size, symmetric))
+    if symmetric:  # an all-zero group: codes 0 on a finite grid
+        statistics = (torch.where(statistics[0] == 0, 1.0, statistics[0]),)
+    return _int4_quantize_with(_blocks(x, group_size), statistics)[:3]
+
+
 def _int4_quantize_with(xg: torch.Tensor, statistics: tuple[torch.Tensor, ...]):
-    """``_int4_quantize``'s (codes, scale, zero, position on the grid) with given group
-    statistics [..., K/g, 1] in place of the measured ones: the same formulas, so the rule's
-    own statistics give bit for bit the rule's result."""
+    """(codes, scale, zero, position on the grid) of groups xg [..., K/g, g] from their
+    statistics [..., K/g, 1] (amax; or min and max), measured or learned."""
     if len(statistics) == 1:
         amax = statistics[0].clamp(min=_SMALLEST_STATISTIC)
+        # w / amax * 7.5 rather than w / scale: the group's extreme lands exactly on the
+        # tie +-7.5 (-> -8, +8 clamped to 7) instead of wherever amax / 7.5 rounded.
         position = xg / amax * 7.5
-        codes = torch.round(position).clamp(-8, 7).add(8)
+        codes = torch.round(position).clamp_(-8, 7).add_(8)
         scale = amax / 7.5
         return codes, scale, torch.zeros_like(scale), position
     low, high = statistics
     scale = (high - low).clamp(min=INT4_ASYM_EPS) / 15
     position = (xg - low) / scale
-    codes = torch.round(position).clamp(0, 15)
+    codes = torch.round(position).clamp_(0, 15)
     return codes, scale, low + scale * 8, position
+
+
+def _int4_dequantize(codes, scale, zero):
+    return (codes - 8) * scale + zero
 
 
 class _LearnedScaleInt4(torch.autograd.Function):
