@@ -60,14 +60,30 @@ def linear_parameters(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def run_variant(teacher, student_start, tokenizer, examples, micro_batch: int, step_examples: int, bf16: bool,
-                steps: int) -> dict:
-    student = copy.deepcopy(student_start).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    if bf16:  # what accelerate's mixed_precision="bf16" does to the prepared student
+def one_hour_models():
+    """(teacher, the round-to-nearest MXFP4 student of the one-hour recipe, tokenizer)."""
+    teacher, tokenizer = load_model(None)
+    teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    quantize_model(student, "mxfp4", scale_rule="mse")
+    return teacher, student, tokenizer
+
+
+def trainable_copy(student, bf16: bool):
+    """A fresh trainable copy of ``student``; with ``bf16`` its forward autocast to bfloat16
+    as accelerate's mixed_precision="bf16" does to the prepared student."""
+    student = copy.deepcopy(student).train().requires_grad_(True)
+    if bf16:
         from accelerate.utils import convert_outputs_to_fp32
 
         student.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(student.forward))
+    return student
+
+
+def run_variant(teacher, student_start, tokenizer, examples, micro_batch: int, step_examples: int, bf16: bool,
+                steps: int) -> dict:
+    student = trainable_copy(student_start, bf16)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     loss_fn = DistillationLoss(student, teacher, beta=0.0, vocab_size=len(tokenizer))
     records = []
     for step in range(steps + 1):
@@ -126,10 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    teacher, tokenizer = load_model(None)
-    teacher.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher)
-    quantize_model(student, "mxfp4", scale_rule="mse")
+    teacher, student, tokenizer = one_hour_models()
     step_examples = 8  # every variant sees the same examples per step: 8 = 2 x 4 = 1 x 8 = 4 x 2
     # the measured steps' examples, as drawn and regrouped among themselves: the same tokens
     count = step_examples * (args.steps + 1)

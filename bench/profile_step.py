@@ -6,7 +6,6 @@
 """
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -14,12 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_throughput import DATASET, one_hour_models, trainable_copy  # noqa: E402
 from data import build_batch, examples_in_use_order, group_by_length, load_records  # noqa: E402
 from losses import DistillationLoss  # noqa: E402
-from models import load_model  # noqa: E402
-from quant import quantize_model  # noqa: E402
-
-DATASET = Path(__file__).resolve().parent.parent / "assets" / "instructions" / "train_large.jsonl"
 
 
 def main() -> None:
@@ -27,14 +23,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    teacher, tokenizer = load_model(None)
-    teacher.eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    quantize_model(student, "mxfp4", scale_rule="mse")
-    if args.bf16:
-        from accelerate.utils import convert_outputs_to_fp32
-
-        student.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(student.forward))
+    teacher, student, tokenizer = one_hour_models()
+    student = trainable_copy(student, args.bf16)
     loss_fn = DistillationLoss(student, teacher, beta=0.0, vocab_size=len(tokenizer))
     examples = group_by_length(examples_in_use_order(load_records(str(DATASET)), tokenizer, 512, 8, 42), 4, 8, 42)
     batches = [build_batch([e.prompt_ids for e in examples[i:i + 4]], [e.completion_ids for e in examples[i:i + 4]],
