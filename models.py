@@ -135,3 +135,12 @@ def disable_dropout(model) -> None:
     for key in DROPOUT_CONFIG_KEYS:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant: the same
+    gradients), under the name the installed transformers gives it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

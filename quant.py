@@ -476,6 +476,19 @@ class _StraightThrough(torch.autograd.Function):
         return grad_output, None, None, None, None
 
 
+class _ReusedStraightThrough(torch.autograd.Function):
+    """Forward: a fake-quantized weight computed earlier from this latent weight (reused_quant).
+    Backward: the upstream gradient unchanged, to the latent weight, as _StraightThrough's."""
+
+    @staticmethod
+    def forward(ctx, latent, quantized):
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
 # The parameters ``learn_scales`` gives an INT4 layer: its group statistics, [out, in / g].
 LEARNED_STATISTICS = {"int4_sym": ("weight_amax",), "int4": ("weight_min", "weight_max")}
 
@@ -504,7 +517,7 @@ class FakeQuantLinear(nn.Linear):
         self.scale_rule = scale_rule
         self.group_size = resolve_group_size(quant_type, in_features, group_size, name,
                                              (out_features, in_features))
-        self._frozen = False
+        self._reuse = None  # None: quantize every forward; "frozen" (frozen_quant) or "step" (reused_quant)
         self._cache_dtype = None
         self._cache = None  # ((version, data_ptr) of weight and adapters, quantized weight)
 
@@ -558,25 +571,28 @@ class FakeQuantLinear(nn.Linear):
         return codes, scale.squeeze(-1), zero.squeeze(-1)
 
     def quantized_weight(self) -> torch.Tensor:
-        if not self._frozen:
-            return self._quantize(self.latent_weight())
+        if self._reuse is None or (self._reuse == "step" and self.learned_statistics()):
+            return self._quantize(self.latent_weight())  # learned scales take their gradient through it
         # what the latent weights (its own and its fused group's) are made of: the weights and
         # adapters' parameters, not the biases
         trained = [p for m in (self, *self.fused_with) for name, p in m.named_parameters(recurse=False)
                    if name != "bias"]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in trained):
+        if self._reuse == "frozen" and torch.is_grad_enabled() and any(p.requires_grad for p in trained):
             raise RuntimeError("a forward with gradients inside frozen_quant() would not train the latent "
                                "weights; run it under torch.no_grad() or leave frozen_quant() first")
+        latent = None if self._reuse == "frozen" else self.latent_weight()
         key = tuple((p._version, p.data_ptr()) for p in trained)
         if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
             with torch.no_grad():
-                quantized = self._quantize(self.latent_weight())
+                quantized = self._quantize(self.latent_weight() if latent is None else latent.detach())
                 self._cache = (key, quantized.to(self._cache_dtype or quantized.dtype))
-        return self._cache[1]
+        if latent is None:
+            return self._cache[1]
+        return _ReusedStraightThrough.apply(latent, self._cache[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight()
-        if weight.dtype != x.dtype and self._frozen:  # a rollout cache in another dtype computes in it
+        if weight.dtype != x.dtype and self._reuse == "frozen":  # a rollout cache in another dtype computes in it
             bias = None if self.bias is None else self.bias.to(weight.dtype)
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, self.bias)
@@ -733,11 +749,34 @@ def frozen_quant(model: nn.Module, dtype: torch.dtype | None = None):
     compute in it (input cast to it, output cast back), so decoding reads half the bytes.
     MXFP4 and NVFP4 weights are exact in bfloat16; INT4 weights and the activations are rounded.
     """
+    with _reusing(model, "frozen", dtype):
+        yield model
+
+
+@contextlib.contextmanager
+def reused_quant(model: nn.Module):
+    """Training cache: each layer quantizes its weight once and every forward with gradients
+    reuses it, straight through to the latent weight, until the weight changes.
+
+    For a step's micro-batches (gradient accumulation) and the forwards that gradient
+    checkpointing reruns in the backward: the weights change only at the optimizer step, so
+    each would quantize the same weights again. The same values and gradients as without
+    it. Layers with learned scales quantize every forward (their scales take gradients
+    through the quantizer). Not for FSDP, whose gathered weights are not the layer's own
+    between forwards.
+    """
+    with _reusing(model, "step"):
+        yield model
+
+
+@contextlib.contextmanager
+def _reusing(model: nn.Module, reuse: str, dtype: torch.dtype | None = None):
     layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    outer = [(layer._reuse, layer._cache, layer._cache_dtype) for layer in layers]
     for layer in layers:
-        layer._frozen, layer._cache, layer._cache_dtype = True, None, dtype
+        layer._reuse, layer._cache, layer._cache_dtype = reuse, None, dtype
     try:
         yield model
-    finally:
-        for layer in layers:
-            layer._frozen, layer._cache, layer._cache_dtype = False, None, None
+    finally:  # a nested use (a rollout inside a step's cache) leaves the outer one as it was
+        for layer, state in zip(layers, outer):
+            layer._reuse, layer._cache, layer._cache_dtype = state

@@ -293,7 +293,7 @@ def prepare_student(student, c: TrainConfig) -> None:
     """In place: dropout off, gradient checkpointing, fake quantization (a saved student's own,
     or ``c``'s), LoRA adapters; trainable, in training mode."""
     from lora import LoraSettings, add_lora
-    from models import disable_dropout
+    from models import disable_dropout, enable_gradient_checkpointing
     from quant import quantize_model, quantize_model_from_settings, record_settings
 
     disable_dropout(student)
@@ -301,10 +301,7 @@ def prepare_student(student, c: TrainConfig) -> None:
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise BadInput(f"--gradient-checkpointing: {type(student).__name__} does not support gradient "
                            f"checkpointing")
-        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 names it so
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(student)
     student.requires_grad_(True).train()
     saved_settings = getattr(student.config, "fake_quant", None)
     if saved_settings:  # a saved student: rebuild exactly the quantization it was trained with
@@ -569,19 +566,28 @@ def step_batches(run: Run, step: int, on_policy: bool) -> tuple[list[dict], int,
 def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, dict]:
     """Loss and gradients of the step's micro-batches (gradients synchronised on the last);
     the loss summed over processes, and the time in the teacher's and the student's passes."""
+    from accelerate.utils import DistributedType
+
+    from quant import reused_quant
+
     accelerator, world = run.accelerator, run.accelerator.num_processes
     total = torch.zeros((), device=accelerator.device)
     timings = {"teacher_forward_s": 0.0, "student_forward_backward_s": 0.0}
-    for i, batch in enumerate(batches):
-        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(run.student):
-            started = time.perf_counter()
-            # DDP averages gradients over processes: normalising each process's sum by
-            # count / world makes that average the gradient of the global mean.
-            loss = run.loss(batch, num_items / world)
-            accelerator.backward(loss)
-            timings["teacher_forward_s"] += run.loss.teacher_seconds
-            timings["student_forward_backward_s"] += time.perf_counter() - started - run.loss.teacher_seconds
-        total += loss.detach()
+    # The weights change only at the optimizer step: the micro-batches' forwards (and those
+    # gradient checkpointing reruns) reuse one quantization. FSDP gathers each layer's weight
+    # anew for every forward, so there each forward quantizes what it gathered.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    with nullcontext() if fsdp else reused_quant(run.student_model):
+        for i, batch in enumerate(batches):
+            with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(run.student):
+                started = time.perf_counter()
+                # DDP averages gradients over processes: normalising each process's sum by
+                # count / world makes that average the gradient of the global mean.
+                loss = run.loss(batch, num_items / world)
+                accelerator.backward(loss)
+                timings["teacher_forward_s"] += run.loss.teacher_seconds
+                timings["student_forward_backward_s"] += time.perf_counter() - started - run.loss.teacher_seconds
+            total += loss.detach()
     return accelerator.reduce(total, "sum") / world, timings
 
 

@@ -1,5 +1,6 @@
 """quant.py: MXFP4/INT4 numerics against torchao and float64 references, and the student."""
 
+import contextlib
 import copy
 import math
 
@@ -10,7 +11,7 @@ from torch import nn
 
 import quant
 from quant import (E2M1_VALUES, FakeQuantLinear, fake_quantize, frozen_quant, pack_int4, pack_mxfp4,
-                   quantize_model, resolve_group_size, unpack_int4,
+                   quantize_model, resolve_group_size, reused_quant, unpack_int4,
                    unpack_mxfp4)
 
 from conftest import assert_rebuilt_from_its_config, tiny_model
@@ -381,6 +382,63 @@ def test_an_optimizer_step_inside_frozen_quant_invalidates_the_cache(tiny):
         fresh = tiny(ids).logits
     assert not torch.equal(cached, stale)
     assert torch.equal(cached, fresh)
+
+
+def accumulated_gradients(model, micro_batches, cache: bool) -> dict[str, torch.Tensor]:
+    """The gradients of a step of micro-batches (gradient accumulation), optionally inside
+    reused_quant, from zero."""
+    model.zero_grad(set_to_none=True)
+    with reused_quant(model) if cache else contextlib.nullcontext():
+        for ids in micro_batches:
+            model(ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("setup", ["full", "lora", "learned scales"])
+def test_reused_quant_quantizes_once_a_step_with_the_same_gradients(tiny, monkeypatch, setup):
+    from lora import LoraSettings, add_lora
+    from models import enable_gradient_checkpointing
+
+    quantize_model(tiny, "int4_sym" if setup == "learned scales" else "mxfp4", 32)
+    if setup == "lora":
+        add_lora(tiny, LoraSettings(r=4, alpha=8))
+        for layer in tiny.modules():  # B = 0 would hide a gradient that reaches A wrongly
+            if isinstance(layer, FakeQuantLinear):
+                torch.nn.init.normal_(layer.lora_B, std=0.02)
+    if setup == "learned scales":
+        quant.learn_scales(tiny)
+    enable_gradient_checkpointing(tiny.train())  # the backward reruns each forward
+    g = torch.Generator().manual_seed(3)
+    micro_batches = [torch.randint(0, 128, (2, 9), generator=g) for _ in range(3)]
+    expected = accumulated_gradients(tiny, micro_batches, cache=False)
+    calls = []
+    real = quant.fake_quantize
+    monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = accumulated_gradients(tiny, micro_batches, cache=True)
+    assert got.keys() == expected.keys() and len(got) > 0
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    if setup != "learned scales":  # those take their scales' gradients through the quantizer each forward
+        assert len(calls) == 14  # once per layer for 3 micro-batches and their reruns
+
+
+def test_reused_quant_requantizes_after_an_optimizer_step_and_outlives_a_nested_rollout_cache(tiny, monkeypatch):
+    quantize_model(tiny, "mxfp4")
+    ids = torch.randint(0, 128, (1, 6))
+    optimizer = torch.optim.SGD(tiny.parameters(), lr=0.5)
+    calls = []
+    real = quant.fake_quantize
+    monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with reused_quant(tiny):
+        tiny(ids, labels=ids).loss.backward()
+        optimizer.step()
+        with torch.no_grad(), frozen_quant(tiny):
+            tiny(ids)
+        assert len(calls) == 28
+        trained = tiny(ids).logits  # the step's cache again, requantized after the update
+        assert len(calls) == 42
+        tiny(ids).logits.sum().backward()
+        assert len(calls) == 42
+    assert torch.equal(trained, tiny(ids).logits)
 
 
 def test_a_bfloat16_rollout_cache_holds_the_exact_mxfp4_weights_and_computes_in_bfloat16(tiny):

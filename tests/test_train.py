@@ -805,7 +805,7 @@ def test_on_policy_samples_come_from_the_quantized_student(tmp_path, tiny_checkp
     def recording(model, *args, **kwargs):
         layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
         # the student, with its 4-bit weights (the rollout cache on), not the teacher or a float copy
-        samplers.append((len(layers), all(layer._frozen for layer in layers),
+        samplers.append((len(layers), all(layer._reuse == "frozen" for layer in layers),
                          next(model.parameters()).requires_grad, {str(layer._cache_dtype) for layer in layers}))
         return real(model, *args, **kwargs)
 
