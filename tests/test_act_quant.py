@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import quant
 from conftest import assert_rebuilt_from_its_config, tiny_model
 from quant import (ACTIVATION_SCALE_RULE, FakeQuantLinear, QuantSettings, fake_quantize, fake_quantize_activation,
                    frozen_quant, nvfp4_tensor_scale, quantize_model)
 from test_nvfp4 import nvfp4_reference
-from test_quant import mxfp4_reference, with_ties
+from test_quant import frozen_forwards, mxfp4_reference, with_ties
 
 mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 nvfp4_tensor = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
@@ -143,7 +142,8 @@ def test_the_gradient_passes_straight_through(quant_type, dtype):
 
 def test_only_mxfp4_and_nvfp4_quantize_activations():
     for quant_type in ("int4", "int4_sym"):
-        with pytest.raises(ValueError, match=f"activation quantization \\(W4A4\\) is for mxfp4 and nvfp4; {quant_type}"):
+        message = f"activation quantization \\(W4A4\\) is for mxfp4 and nvfp4; {quant_type}"
+        with pytest.raises(ValueError, match=message):
             fake_quantize_activation(torch.randn(2, 64), quant_type)
         with pytest.raises(ValueError, match="activation quantization"):
             FakeQuantLinear(64, 8, quant_type=quant_type, group_size=32, act_quant=True)
@@ -226,14 +226,8 @@ def test_frozen_quant_caches_the_weights_only_and_gives_the_unfrozen_logits(tiny
     quantize_model(tiny, quant_type, act_quant=True)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = tiny(ids).logits
-        assert not torch.equal(expected, weight_only(ids).logits)
-    calls = []
-    real = quant.fake_quantize
-    monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with torch.no_grad(), frozen_quant(tiny):
-        for _ in range(2):
-            assert torch.equal(tiny(ids).logits, expected)
+        assert not torch.equal(tiny(ids).logits, weight_only(ids).logits)
+    calls = frozen_forwards(tiny, ids, monkeypatch, 2)
     assert len(calls) == 14 + 2 * 14  # the weights once, the inputs at every forward
 
 
