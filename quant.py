@@ -100,8 +100,8 @@ ACT_QUANT_TYPES = ("mxfp4", "nvfp4")
 # embedded model's linear inputs (8 held-out sequences): squared error 1.060e-2 of the
 # inputs' energy with floor, 1.023e-2 with rceil, 0.972e-2 with the rule that rounds the
 # block amax's mantissa up from 1.75 (compressed-tensors' and AMD's MXFP4 activation
-# quantizers, torchao's EVEN), 0.966e-2 with mse. Kernels disagree (NVIDIA's UE8M0 path
-# rounds up like rceil), so no rule matches every deployment; floor is the spec's and
+# quantizers, torchao's EVEN), 0.966e-2 with mse. Kernels disagree (rceil is NVIDIA's rule),
+# so no rule matches every deployment and none errs much less; floor is the spec's, and
 # torchao's to_mx(FLOOR) is bit-exact with it.
 ACTIVATION_SCALE_RULE = "floor"
 E4M3_MAX = 448.0
