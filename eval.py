@@ -49,8 +49,9 @@ def on_device(model, device: torch.device, dtype: torch.dtype):
     first becomes a plain linear layer holding its quantized weight, computed from the
     float32 latent weight (MXFP4 values are exact in bfloat16; INT4 ones are rounded, as a
     W4A16 kernel with bfloat16 scales would round them): quantizing a rounded latent weight
-    would give other 4-bit values than the student trained with."""
-    from quant import FakeQuantLinear
+    would give other 4-bit values than the student trained with. A W4A4 layer's plain
+    replacement keeps fake-quantizing its input (``quantize_inputs``)."""
+    from quant import FakeQuantLinear, quantize_inputs
 
     if dtype != torch.float32:
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]:
@@ -59,6 +60,8 @@ def on_device(model, device: torch.device, dtype: torch.dtype):
                 quantized = layer.quantized_weight().detach()
             plain.weight = torch.nn.Parameter(quantized, requires_grad=False)
             plain.bias = layer.bias
+            if layer.act_quant:
+                quantize_inputs(plain, layer.quant_type)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, plain)
     return model.to(device=device, dtype=dtype)
@@ -81,7 +84,7 @@ def ptq_baseline(teacher, settings: dict):
 
     model = copy.deepcopy(teacher).float()
     quantize_model(model, settings["quant_type"], settings.get("group_size"), tuple(settings.get("skip", ("lm_head",))),
-                   settings.get("scale_rule", "floor"))
+                   settings.get("scale_rule", "floor"), settings.get("act_quant", False))
     return model.eval()
 
 
@@ -237,9 +240,12 @@ def ptq_rows(all_settings: list[dict]) -> dict[str, dict]:
     keys = []
     for settings in all_settings:
         key = {k: settings.get(k) for k in ("quant_type", "group_size", "scale_rule", "skip")}
+        if settings.get("act_quant"):  # only then: a W4A16 row keeps the cache key it had
+            key["act_quant"] = True
         if key not in keys:
             keys.append(key)
-    return {("ptq" if len(keys) == 1 else f"ptq {key['quant_type']} g{key['group_size']}"): key for key in keys}
+    return {("ptq" if len(keys) == 1 else f"ptq {key['quant_type']} g{key['group_size']}"
+             f"{' w4a4' if key.get('act_quant') else ''}"): key for key in keys}
 
 
 def student_row_name(checkpoint: Path) -> str:

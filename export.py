@@ -14,12 +14,20 @@
   scales the student trained with, so all three export exactly (an ``rceil`` MXFP4 student
   too: scales are scales). ``int4``
   (asymmetric with a float zero point, torchao's numerics) is refused: compressed-tensors
-  stores integer zero points and would compute a different function.
+  stores integer zero points and would compute a different function. A W4A4 student
+  (``--act-quant``) declares its input quantization as compressed-tensors' own W4A4 presets
+  do (``MXFP4``: dynamic E8M0 scales per 32; ``NVFP4``: dynamic E4M3 block scales under a
+  static ``input_global_scale``). That one the NVFP4 kernels read from the checkpoint, a
+  calibrated 1 / tensor scale, so it is calibrated here (``input_amax``): the largest input
+  magnitude each layer sees on the embedded held-out prompts with their completions, rounded
+  up to a power of two as the weights' tensor scales. The student trained with a dynamic
+  one; the two agree wherever a block scale stays within E4M3's normal range under both.
 * ``gguf`` (llama.cpp): the whole model in one file, linear weights as GGML MXFP4 blocks
   written here from the trained exponents (gguf-py's quantizer would recompute them),
   everything else float32. MXFP4 students of the Llama and Qwen3 architectures. NVFP4 is
   refused: llama.cpp's NVFP4 blocks have no tensor scale, and the student's block scales
-  times its tensor scale are not E4M3 values in general.
+  times its tensor scale are not E4M3 values in general. So is a W4A4 student: llama.cpp
+  quantizes a matmul's activations to 8 bits (Q8_0 / Q8_1 blocks), never to MXFP4.
 
 The export is written to a temporary directory and renamed into place: an interrupted or
 refused export leaves nothing behind. ``eval.py`` takes the exported directory as a row.
@@ -83,6 +91,9 @@ def nvfp4_parts(layer):
 
 def check_exportable(settings: dict, export_format: str) -> None:
     quant_type = settings.get("quant_type")
+    if export_format == "gguf" and settings.get("act_quant"):
+        raise BadInput("--format gguf cannot run this W4A4 (--act-quant) student as trained: llama.cpp quantizes "
+                       "activations to 8 bits, not to MXFP4 (use --format compressed-tensors)")
     if quant_type == "int4":
         raise BadInput("--quant-type int4 students (asymmetric, float zero point: torchao's numerics) cannot be "
                        "stored exactly in compressed-tensors (integer zero points) or GGUF; train with "
@@ -99,28 +110,74 @@ def check_exportable(settings: dict, export_format: str) -> None:
 
 # ---------------------------------------------------------------- compressed-tensors
 
-def compressed_tensors_scheme(quant_type: str, group_size: int, targets: list[str]):
+def compressed_tensors_scheme(quant_type: str, group_size: int, targets: list[str], act_quant: bool = False):
+    """The scheme of the student's layers. ``act_quant`` (W4A4): the input activations as the
+    library's own W4A4 preset declares them (``NVFP4``, ``MXFP4``), taken from it."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
 
-    if quant_type == "nvfp4":  # the library's own weight-only NVFP4 scheme, as llm-compressor writes it
-        return preset_name_to_scheme("NVFP4A16", targets)
+    if quant_type == "nvfp4":  # the library's own NVFP4 schemes, as llm-compressor writes them
+        return preset_name_to_scheme("NVFP4" if act_quant else "NVFP4A16", targets)
     if quant_type == "mxfp4":
         weights = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="group", group_size=32,
                                    scale_dtype=torch.uint8)
     else:
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
-    return QuantizationScheme(targets=targets, weights=weights)
+    inputs = preset_name_to_scheme("MXFP4", targets).input_activations if act_quant else None
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
 
 
-def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
-    """(state dict with packed linear layers, quantization_config) of a student."""
+# NVFP4 W4A4's input scales: calibrated on the embedded held-out prompts with their completions,
+# all 38. On the embedded model, calibrated on 32 of them, none of the other 6 saturates any
+# layer (their amax is at most 1.15x the calibrated one, and the power of two above the
+# calibrated amax leaves up to 2x), and as many blocks (0.09%) get subnormal scales as under
+# the dynamic scale; each doubling of headroom would add 0.3-0.5% subnormal blocks.
+CALIBRATION_SEQUENCES = 64
+
+
+def input_amax(student, tokenizer, sequences: int = CALIBRATION_SEQUENCES) -> dict[str, torch.Tensor]:
+    """The largest input magnitude of each quantized layer over the embedded held-out prompts
+    with their reference completions, run one at a time (no padding) through the student as
+    it computes (its activations quantized): compressed-tensors' static_minmax observer, the
+    calibration its NVFP4 W4A4 scheme's static input global scale comes from. Layers that
+    serving engines fuse read one input, so they get one value."""
+    from heldout import heldout_examples
+    from quant import frozen_quant
+
+    try:
+        examples = heldout_examples(tokenizer, limit=sequences)
+    except ValueError as e:
+        raise BadInput(f"W4A4 export: cannot calibrate the NVFP4 input scales on the embedded held-out set with this "
+                       f"student's tokenizer ({e})") from None
+    amax: dict[str, torch.Tensor] = {}
+
+    def observe(name):
+        def hook(module, args):
+            seen = args[0].detach().abs().amax().float()
+            amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(observe(name)) for name, layer in quantized_layers(student)]
+    device = next(student.parameters()).device
+    try:
+        with torch.no_grad(), frozen_quant(student):
+            for example in examples:
+                student(torch.tensor([example.prompt_ids + example.completion_ids], device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return amax
+
+
+def compressed_tensors_export(student, settings: dict, input_amax: dict | None = None) -> tuple[dict, dict]:
+    """(state dict with packed linear layers, quantization_config) of a student; ``input_amax``
+    (NVFP4 W4A4): each layer's calibrated input amax, stored as ``input_global_scale``."""
     from compressed_tensors.compressors import (MXFP4PackedCompressor, NVFP4PackedCompressor,
                                                 PackedQuantizationCompressor)
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    from quant import INT4_FALLBACK_GROUP_SIZES
+    from quant import INT4_FALLBACK_GROUP_SIZES, nvfp4_tensor_scale
 
-    quant_type = settings["quant_type"]
+    quant_type, act_quant = settings["quant_type"], bool(settings.get("act_quant"))
     layers = quantized_layers(student)
     # One config group for all the layers, at the smallest group size: transformers'
     # dequantizing load (CompressedTensorsConfig(dequantize=True), what eval.py uses)
@@ -137,7 +194,7 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
     packed = {}
     for name, layer in layers:
         weight = layer.weight.detach().float()
-        scheme = compressed_tensors_scheme(quant_type, group, [name])
+        scheme = compressed_tensors_scheme(quant_type, group, [name], act_quant)
         if quant_type == "mxfp4":
             dequantized, scales, _, _ = mxfp4_parts(weight, layer.scale_rule)
             tensors = MXFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": scales}, scheme)
@@ -146,6 +203,8 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
             # a power of two: its reciprocal is exact
             tensors = NVFP4PackedCompressor.compress({"weight": dequantized, "weight_scale": block_scales.float(),
                                                       "weight_global_scale": (1 / tensor_scale).reshape(1)}, scheme)
+            if act_quant:  # what the scheme registers beside the weights: 1 / the input's tensor scale
+                tensors["input_global_scale"] = (1 / nvfp4_tensor_scale(input_amax[name])).reshape(1)
         else:
             if layer.group_size % group:
                 raise BadInput(f"{name}: int4 group size {layer.group_size} is not a multiple of {group}, the "
@@ -167,7 +226,8 @@ def compressed_tensors_export(student, settings: dict) -> tuple[dict, dict]:
         packed[key] = value.detach().contiguous()
     # Its targets are the exact layer names.
     config = QuantizationConfig(
-        config_groups={"group_0": compressed_tensors_scheme(quant_type, group, sorted(quantized))} if layers else {},
+        config_groups={"group_0": compressed_tensors_scheme(quant_type, group, sorted(quantized), act_quant)}
+        if layers else {},
         format={"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}.get(quant_type, "pack-quantized"),
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=sorted(name for name, m in student.named_modules()
@@ -186,7 +246,9 @@ def write_compressed_tensors(student, tokenizer, settings: dict, out: Path) -> N
 
     from quant import CONFIG_KEY
 
-    state_dict, quantization_config = compressed_tensors_export(student, settings)
+    calibrated = input_amax(student, tokenizer) if settings.get("act_quant") and settings["quant_type"] == "nvfp4" \
+        else None
+    state_dict, quantization_config = compressed_tensors_export(student, settings, calibrated)
     config = student.config
     saved_settings = getattr(config, CONFIG_KEY, None)
     try:
@@ -488,11 +550,16 @@ print(llm("The capital of France is", max_tokens=8, temperature=0)["choices"][0]
 def write_model_card(directory: Path, out: Path, export_format: str, settings: dict, run_config: dict,
                      student_config) -> None:
     """README.md beside the weights: what the model is and how to run it."""
-    quant = settings["quant_type"] + (f", groups of {settings['group_size']}" if settings.get("group_size") else "")
+    quant = settings["quant_type"] + (f", groups of {settings['group_size']}" if settings.get("group_size") else "") \
+        + (", activations too (W4A4)" if settings.get("act_quant") else "")
     lines = [f"# {out.name}", "",
              f"A 4-bit student ({quant}; every linear layer but `lm_head`) distilled by qakd from "
              f"`{run_config.get('model') or 'the embedded SmolLM2-135M-Instruct'}`, exported as {export_format}. "
-             f"Its weights are the trained student's 4-bit weights bit for bit.", "", "## Run it", ""]
+             f"Its weights are the trained student's 4-bit weights bit for bit.", ""]
+    if settings.get("act_quant"):
+        lines += ["Its config declares the layers' inputs quantized as the student's were: vLLM's W4A4 kernels "
+                  "quantize them; transformers computes with the 4-bit weights and unquantized activations.", ""]
+    lines += ["## Run it", ""]
     rope = getattr(student_config, "rope_parameters", None) or {}
     rope_scaled = export_format == "gguf" and rope.get("rope_type", "default") != "default"
     for tool, snippet in load_snippets(out, export_format, rope_scaled).items():

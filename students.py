@@ -139,6 +139,8 @@ def load_student(checkpoint: Path):
 
         model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
             checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+        if settings.get("act_quant"):  # transformers runs the weights alone: the inputs as vLLM quantizes them
+            quantize_exported_inputs(model, checkpoint, config, settings["quant_type"])
         return model.eval(), AutoTokenizer.from_pretrained(checkpoint), settings
     model, tokenizer = load_model(checkpoint)
     quantize_model_from_settings(model, settings)
@@ -147,3 +149,21 @@ def load_student(checkpoint: Path):
 
         load_weights(model, checkpoint)
     return model.eval(), tokenizer, settings
+
+
+def quantize_exported_inputs(model, checkpoint: Path, config: dict, quant_type: str) -> None:
+    """A W4A4 export as loaded by transformers computes with unquantized inputs: make each of
+    its quantized layers fake-quantize its input as the scheme declares, NVFP4 under the
+    static tensor scale the export holds (1 / ``input_global_scale``), not the dynamic one
+    the student trained with."""
+    from safetensors import safe_open
+
+    from quant import E2M1_MAX, E4M3_MAX, quantize_inputs
+
+    targets = [t for group in config["quantization_config"]["config_groups"].values() for t in group["targets"]]
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        for name in targets:
+            tensor_amax = None
+            if quant_type == "nvfp4":  # the amax whose tensor scale is 1 / input_global_scale
+                tensor_amax = E4M3_MAX * E2M1_MAX / f.get_tensor(f"{name}.input_global_scale").float().squeeze()
+            quantize_inputs(model.get_submodule(name), quant_type, tensor_amax)

@@ -61,6 +61,7 @@ class TrainConfig:
     group_size: int | None = None  # int4: default 128 where it divides, else 64 or 32
     scale_rule: str | None = None  # mxfp4: floor (OCP spec) | rceil (NVIDIA) | mse (least-error exponent per
     # block; the default for mxfp4); INT4 and NVFP4 have no scale rule (floor is recorded)
+    act_quant: bool = False  # W4A4 (mxfp4, nvfp4): every quantized layer's input fake-quantized too, per token
     init: str = "rtn"  # the student's start: rtn (round-to-nearest) | gptq (GPTQ onto the same grids, gptq.py)
     init_samples: int = 512  # --init gptq: calibration sequences from --dataset (prompt + completion)
     gptq_latent: str = "values"  # --init gptq: latent weights at GPTQ's values | unrounded (just before rounding)
@@ -169,7 +170,7 @@ def _typed(path: Path, key: str, value):
 
 
 def validate(c: TrainConfig) -> None:
-    from quant import SCALE_RULES
+    from quant import ACT_QUANT_TYPES, SCALE_RULES
 
     for f in fields(TrainConfig):  # nan passes every comparison below, inf most: refuse both first
         value = getattr(c, f.name)
@@ -202,6 +203,12 @@ def validate(c: TrainConfig) -> None:
     if c.init == "gptq" and c.quant_type == "nvfp4":
         raise BadInput("--init gptq has no nvfp4 grid (its tensor scale moves with GPTQ's updates); start nvfp4 "
                        "from round-to-nearest (--init rtn) or use mxfp4, int4 or int4_sym")
+    if c.act_quant and c.learn_scales:
+        raise BadInput("--act-quant with --learn-scales: activations are quantized in MXFP4 and NVFP4, learned scales "
+                       "are INT4's; use one of them")
+    if c.act_quant and c.quant_type not in ACT_QUANT_TYPES:
+        raise BadInput(f"--act-quant quantizes activations in the weights' format, {' or '.join(ACT_QUANT_TYPES)}; "
+                       f"--quant-type {c.quant_type} has no 4-bit activation format (use mxfp4 or nvfp4)")
     if c.learn_scales and c.quant_type not in ("int4", "int4_sym"):
         raise BadInput(f"--learn-scales trains INT4 group scales; {c.quant_type} has none to learn (MXFP4 and NVFP4 "
                        f"scales are re-chosen from the weights at every step)")
@@ -305,6 +312,8 @@ def prepare_student(student, c: TrainConfig) -> None:
     student.requires_grad_(True).train()
     saved_settings = getattr(student.config, "fake_quant", None)
     if saved_settings:  # a saved student: rebuild exactly the quantization it was trained with
+        if c.act_quant and not saved_settings.get("act_quant"):  # a W4A16 student goes on as W4A4
+            saved_settings = {**saved_settings, "act_quant": True}
         quantize_model_from_settings(student, saved_settings)
         if saved_settings.get("learn_scales"):  # not weights to transformers: loaded here
             from checkpoints import load_weights
@@ -320,8 +329,9 @@ def prepare_student(student, c: TrainConfig) -> None:
             load_weights(student, source)
         log.info("student keeps its saved quantization (%s)", saved_settings["quant_type"])
     elif c.quant_type != "none":
-        count = quantize_model(student, c.quant_type, c.group_size, scale_rule=c.scale_rule)
-        log.info("student: %d linear layers fake-quantized to %s", count, c.quant_type)
+        count = quantize_model(student, c.quant_type, c.group_size, scale_rule=c.scale_rule, act_quant=c.act_quant)
+        log.info("student: %d linear layers fake-quantized to %s%s", count, c.quant_type,
+                 ", their inputs too (W4A4)" if c.act_quant else "")
     if c.lora_r:
         settings = LoraSettings(c.lora_r, c.lora_alpha or c.lora_r, tuple(t.strip() for t in c.lora_targets.split(",")))
         try:

@@ -17,13 +17,13 @@ from quant import FakeQuantLinear, fake_quantize, nvfp4_tensor_scale, quantize_m
 
 
 def make_student(path: Path, tokenizer, arch="llama", quant_type="mxfp4", scale_rule="floor", group_size=None,
-                 **overrides):
+                 act_quant=False, **overrides):
     """A saved tiny student whose latent weights have moved off the teacher's."""
     sizes = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=512)
     model = tiny_model(arch, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        **{**sizes, **overrides})
-    quantize_model(model, quant_type, group_size, scale_rule=scale_rule)
+    quantize_model(model, quant_type, group_size, scale_rule=scale_rule, act_quant=act_quant)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -152,6 +152,65 @@ def assert_loads_as_the_student(out: Path, student, quant_type: str, scale_rule:
     assert_same_logits(student, loaded, ids)
     # a plain from_pretrained in float32, as a user's first load is written
     assert_same_logits(student, load_compressed(out, dequantize=False), ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("quant_type, preset", [("mxfp4", "MXFP4"), ("nvfp4", "NVFP4")])
+def test_a_w4a4_export_declares_its_inputs_as_the_w4a4_preset_and_unpacks_to_the_students_weights(
+        tmp_path, embedded_tokenizer, arch, quant_type, preset):
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from safetensors.torch import load_file
+
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, arch, quant_type, act_quant=True)
+    out = tmp_path / "export"
+    assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    quantization = config["quantization_config"]
+    assert quantization["format"] == f"{quant_type}-pack-quantized" and config["qakd_quantization"]["act_quant"]
+    [group] = quantization["config_groups"].values()
+    expected = json.loads(preset_name_to_scheme(preset, ["x"]).model_dump_json(exclude_none=True))
+    assert group["input_activations"] == {**expected["input_activations"], **{
+        k: v for k, v in group["input_activations"].items() if v is None}}  # the preset's args, exactly
+    assert group["input_activations"]["dynamic"] == (True if quant_type == "mxfp4" else "local")
+    assert "W4A4" in (out / "README.md").read_text()
+    student = student_of(checkpoint)
+    layers = dict(export.quantized_layers(student))
+    tensors = load_file(out / "model.safetensors")
+    if quant_type == "nvfp4":  # the static input global scale vLLM reads: 1 / the calibrated tensor scale
+        amax = export.input_amax(student, embedded_tokenizer)
+        for name in layers:
+            scale = tensors[f"{name}.input_global_scale"]
+            assert scale.dtype == torch.float32 and scale.shape == (1,)
+            assert torch.equal(scale, (1 / nvfp4_tensor_scale(amax[name])).reshape(1)), name
+        for fused in student.quant_settings.tensor_scale_groups:  # one input: one scale, as vLLM wants
+            assert len({tensors[f"{name}.input_global_scale"].item() for name in fused}) == 1
+    else:
+        assert not [k for k in tensors if k.endswith(".input_global_scale")]
+    # transformers + compressed-tensors unpack every weight to the student's bit for bit, and
+    # compute with unquantized inputs; eval.py's loader quantizes them as vLLM would
+    loaded = load_compressed(out, dequantize=True)
+    for name, layer in layers.items():
+        assert torch.equal(loaded.get_submodule(name).weight.detach().float(), layer.quantized_weight()), name
+    # a calibration sequence: no input beyond the calibrated range, where a static NVFP4 scale
+    # would saturate what the dynamic one does not (random token ids can go there)
+    from heldout import heldout_examples
+
+    example = heldout_examples(embedded_tokenizer, limit=1)[0]
+    ids = torch.tensor([example.prompt_ids + example.completion_ids])
+    assert_same_logits(student, student_of(out), ids)
+    for layer in layers.values():
+        layer.act_quant = False
+    assert_same_logits(student, loaded, ids)
+
+
+def test_a_w4a4_student_is_refused_by_gguf_in_one_line_and_nothing_is_written(tmp_path, embedded_tokenizer, capsys):
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "mxfp4", act_quant=True)
+    capsys.readouterr()
+    assert export.main([str(checkpoint), "--format", "gguf", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--format gguf cannot run this W4A4 (--act-quant) student as trained: llama.cpp quantizes activations to " \
+           "8 bits" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["student"]
 
 
 @pytest.mark.parametrize("export_format", ["compressed-tensors", "gguf"])

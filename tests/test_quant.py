@@ -343,17 +343,24 @@ def test_saved_student_is_rebuilt_exactly_from_its_config(tmp_path, tiny):
     assert_rebuilt_from_its_config(tiny, tmp_path, torch.randint(0, 128, (1, 10)))
 
 
-def test_frozen_quant_quantizes_once_and_matches_the_uncached_forward(tiny, monkeypatch):
-    quantize_model(tiny, "mxfp4")
-    ids = torch.randint(0, 128, (2, 8))
+def frozen_forwards(model, ids, monkeypatch, forwards: int) -> list:
+    """Run ``forwards`` forwards inside ``frozen_quant``, each giving the uncached forward's
+    logits; returns the list that gains an item at every ``fake_quantize`` call from then on."""
     with torch.no_grad():
-        expected = tiny(ids).logits
+        expected = model(ids).logits
     calls = []
     real = quant.fake_quantize
     monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with torch.no_grad(), frozen_quant(tiny):
-        for _ in range(3):
-            assert torch.equal(tiny(ids).logits, expected)
+    with torch.no_grad(), frozen_quant(model):
+        for _ in range(forwards):
+            assert torch.equal(model(ids).logits, expected)
+    return calls
+
+
+def test_frozen_quant_quantizes_once_and_matches_the_uncached_forward(tiny, monkeypatch):
+    quantize_model(tiny, "mxfp4")
+    ids = torch.randint(0, 128, (2, 8))
+    calls = frozen_forwards(tiny, ids, monkeypatch, 3)
     assert len(calls) == 14  # once per layer, not once per forward
     with torch.no_grad():
         tiny(ids)

@@ -70,6 +70,12 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--save-total-limit", "-1"], "--save-total-limit must be >= 0"),
     (["--learn-scales"], "--learn-scales trains INT4 group scales; mxfp4 has none to learn"),
     (["--learn-scales", "--quant-type", "int4_sym", "--lora-r", "4"], "--learn-scales with --lora-r"),
+    (["--act-quant", "--quant-type", "int4"], "--act-quant quantizes activations in the weights' format, mxfp4 or "
+                                              "nvfp4; --quant-type int4 has no 4-bit activation format"),
+    (["--act-quant", "--quant-type", "int4_sym"], "--quant-type int4_sym has no 4-bit activation format"),
+    (["--act-quant", "--quant-type", "none"], "--quant-type none has no 4-bit activation format"),
+    (["--act-quant", "--quant-type", "int4_sym", "--learn-scales"], "--act-quant with --learn-scales"),
+    (["--act-quant", "--learn-scales"], "--act-quant with --learn-scales"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -144,6 +150,25 @@ def test_dataset_without_known_columns_or_empty_after_filtering_is_refused(tmp_p
     assert train.main(tiny_args(tiny_checkpoint, long, tmp_path / "b")) == 2
     assert "no usable sample left" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("quant_type, hidden, block", [("mxfp4", 48, 32), ("nvfp4", 40, 16)])
+def test_act_quant_with_a_layer_the_block_does_not_divide_is_one_line_and_writes_nothing(
+        tmp_path, embedded_tokenizer, chat_dataset, capsys, quant_type, hidden, block):
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(embedded_tokenizer), hidden_size=hidden, head_dim=hidden // 4,
+               intermediate_size=128, max_position_embeddings=512).save_pretrained(model_dir)
+    embedded_tokenizer.save_pretrained(model_dir)
+    argv = tiny_args(model_dir, chat_dataset, tmp_path / "run", "--quant-type", quant_type, "--act-quant")
+    argv.remove("--group-size"), argv.remove("32")
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the load's progress
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert f"in_features {hidden} is not a multiple of the {quant_type.upper()} block size {block}" in errors[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_student_with_another_tokenizer_is_refused(tmp_path, tiny_checkpoint, chat_dataset, capsys):
@@ -375,6 +400,47 @@ def test_learned_scales_train_save_and_resume_to_the_same_student(tmp_path, tiny
     # a run started without learned scales is another run
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, split, "--max-steps", "4", "--seed", "3",
                                 "--quant-type", "int4_sym", "--resume")) == 2
+
+
+def test_a_w4a4_run_trains_on_policy_saves_and_resumes_to_the_same_student(tmp_path, tiny_checkpoint, chat_dataset):
+    from quant import FakeQuantLinear
+    from students import load_student
+
+    def args(output_dir, *extra):  # no INT4 group size
+        argv = tiny_args(tiny_checkpoint, chat_dataset, output_dir, *extra)
+        return argv[:argv.index("--group-size")] + argv[argv.index("--group-size") + 2:]
+
+    common = ("--max-steps", "4", "--seed", "3", "--quant-type", "nvfp4", "--act-quant", "--lmbda", "1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(args(straight, *common)) == 0
+    assert train.main(args(split, *common, "--stop-after", "2")) == 0
+    assert train.main(args(split, *common, "--resume")) == 0
+    assert {r["on_policy"] for r in metrics(straight)[1:]} == {True}  # rollouts through the cache too
+    a, b = weights(straight / "checkpoint-4"), weights(split / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    student, _, settings = load_student(straight / "checkpoint-4")
+    assert settings["act_quant"] and settings["quant_type"] == "nvfp4"
+    layers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
+    assert len(layers) == 14 and all(m.act_quant for m in layers)
+    # a run started without activation quantization is another run
+    assert train.main(args(split, *common[:-3], "--lmbda", "1", "--resume")) == 2
+
+
+def test_a_saved_w4a16_student_goes_on_as_w4a4_with_act_quant(tmp_path):
+    from conftest import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from quant import FakeQuantLinear, quantize_model
+
+    model = tiny_model("llama")
+    quantize_model(model, "mxfp4", scale_rule="mse")
+    model.save_pretrained(tmp_path)
+    for flags, act_quant in (([], False), (["--act-quant"], True)):
+        student = AutoModelForCausalLM.from_pretrained(tmp_path)
+        train.prepare_student(student, train.parse_config(flags))
+        layers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
+        assert len(layers) == 14 and all(m.act_quant == act_quant and m.scale_rule == "mse" for m in layers)
+        assert student.config.fake_quant["act_quant"] is act_quant
 
 
 def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
