@@ -822,12 +822,13 @@ def reused_quant(model: nn.Module):
     """Training cache: each layer quantizes its weight once and every forward with gradients
     reuses it, straight through to the latent weight, until the weight changes.
 
-    For a step's micro-batches (gradient accumulation) and the forwards that gradient
-    checkpointing reruns in the backward: the weights change only at the optimizer step, so
-    each would quantize the same weights again. The same values and gradients as without
-    it. Layers with learned scales quantize every forward (their scales take gradients
-    through the quantizer). Not for FSDP, whose gathered weights are not the layer's own
-    between forwards.
+    For a step's micro-batches (gradient accumulation): the weights change only at the
+    optimizer step, so each would quantize the same weights again. The same values and
+    gradients as without it. Layers with learned scales quantize every forward (their
+    scales take gradients through the quantizer). It holds every layer's quantized weight
+    for as long as it lasts, as a backward does without gradient checkpointing (with it,
+    this costs that memory back). Not for FSDP, whose gathered weights are not the layer's
+    own between forwards.
     """
     with _reusing(model, "step"):
         yield model

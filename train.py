@@ -583,11 +583,12 @@ def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, di
     accelerator, world = run.accelerator, run.accelerator.num_processes
     total = torch.zeros((), device=accelerator.device)
     timings = {"teacher_forward_s": 0.0, "student_forward_backward_s": 0.0}
-    # The weights change only at the optimizer step: the micro-batches' forwards (and those
-    # gradient checkpointing reruns) reuse one quantization. FSDP gathers each layer's weight
-    # anew for every forward, so there each forward quantizes what it gathered.
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    with nullcontext() if fsdp else reused_quant(run.student_model):
+    # The weights change only at the optimizer step: the micro-batches' forwards reuse one
+    # quantization, which each backward holds anyway. Not with gradient checkpointing, whose
+    # point is not to hold every layer's weight at once, nor under FSDP, which gathers each
+    # layer's weight anew for every forward.
+    reuse = not (run.c.gradient_checkpointing or accelerator.distributed_type == DistributedType.FSDP)
+    with reused_quant(run.student_model) if reuse else nullcontext():
         for i, batch in enumerate(batches):
             with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(run.student):
                 started = time.perf_counter()

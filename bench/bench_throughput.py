@@ -14,9 +14,7 @@ rest:
   ``+ bf16 teacher``: also ``--teacher-dtype bfloat16``;
 * ``micro-batch 8`` and ``micro-batch 2``: other batch sizes (grouped, float32);
 * ``... once a step``: the step's forwards reuse one quantization of the weights
-  (``quant.reused_quant``, as train.py's step does) instead of quantizing at every forward;
-* ``checkpointing``: with gradient checkpointing (``--gradient-checkpointing``), whose
-  backward reruns each forward.
+  (``quant.reused_quant``, as train.py's step does) instead of quantizing at every forward.
 
 Tokens are real (non-padding) tokens of prompt + completion; the loss scores the
 completion tokens. The bound: FLOPs per token from the models' shapes (6 per linear
@@ -42,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import build_batch, examples_in_use_order, group_by_length, load_records  # noqa: E402
 from losses import DistillationLoss  # noqa: E402
-from models import enable_gradient_checkpointing, load_model  # noqa: E402
+from models import load_model  # noqa: E402
 from quant import FakeQuantLinear, quantize_model, reused_quant  # noqa: E402
 
 DATASET = Path(__file__).resolve().parent.parent / "assets" / "instructions" / "train_large.jsonl"
@@ -86,10 +84,8 @@ def trainable_copy(student, bf16: bool):
 
 
 def run_variant(teacher, student_start, tokenizer, examples, micro_batch: int, step_examples: int, bf16: bool,
-                steps: int, reuse: bool = False, checkpointing: bool = False) -> dict:
+                steps: int, reuse: bool = False) -> dict:
     student = trainable_copy(student_start, bf16)
-    if checkpointing:
-        enable_gradient_checkpointing(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     loss_fn = DistillationLoss(student, teacher, beta=0.0, vocab_size=len(tokenizer))
     records = []
@@ -147,7 +143,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--variants", default="as drawn,grouped,grouped once a step,bf16,bf16 grouped,"
                                                 "bf16 grouped + bf16 teacher,micro-batch 8,micro-batch 2,"
-                                                "micro-batch 2 once a step,checkpointing,checkpointing once a step")
+                                                "micro-batch 2 once a step")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -158,18 +154,16 @@ def main() -> None:
     drawn = examples_in_use_order(load_records(str(DATASET)), tokenizer, MAX_LENGTH, count, args.seed)
     grouped = group_by_length(drawn, step_examples, count, args.seed)
     teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
-    # name: (examples, micro-batch, bf16, teacher, once a step, gradient checkpointing)
-    variants = {"as drawn": (drawn, args.batch_size, False, teacher, False, False),
-                "grouped": (grouped, args.batch_size, False, teacher, False, False),
-                "grouped once a step": (grouped, args.batch_size, False, teacher, True, False),
-                "bf16": (drawn, args.batch_size, True, teacher, False, False),
-                "bf16 grouped": (grouped, args.batch_size, True, teacher, False, False),
-                "bf16 grouped + bf16 teacher": (grouped, args.batch_size, True, teacher_bf16, False, False),
-                "micro-batch 8": (grouped, 8, False, teacher, False, False),
-                "micro-batch 2": (grouped, 2, False, teacher, False, False),
-                "micro-batch 2 once a step": (grouped, 2, False, teacher, True, False),
-                "checkpointing": (grouped, args.batch_size, False, teacher, False, True),
-                "checkpointing once a step": (grouped, args.batch_size, False, teacher, True, True)}
+    # name: (examples, micro-batch, bf16, teacher, once a step)
+    variants = {"as drawn": (drawn, args.batch_size, False, teacher, False),
+                "grouped": (grouped, args.batch_size, False, teacher, False),
+                "grouped once a step": (grouped, args.batch_size, False, teacher, True),
+                "bf16": (drawn, args.batch_size, True, teacher, False),
+                "bf16 grouped": (grouped, args.batch_size, True, teacher, False),
+                "bf16 grouped + bf16 teacher": (grouped, args.batch_size, True, teacher_bf16, False),
+                "micro-batch 8": (grouped, 8, False, teacher, False),
+                "micro-batch 2": (grouped, 2, False, teacher, False),
+                "micro-batch 2 once a step": (grouped, 2, False, teacher, True)}
     n = linear_parameters(student)
     flops_per_token = 6 * n + 2 * n
     rates = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
@@ -183,9 +177,9 @@ def main() -> None:
           "| optimizer s | % of matrix bound |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in [v.strip() for v in args.variants.split(",")]:
-        examples, micro_batch, bf16, variant_teacher, reuse, checkpointing = variants[name]
+        examples, micro_batch, bf16, variant_teacher, reuse = variants[name]
         r = run_variant(variant_teacher, student, tokenizer, examples, micro_batch, step_examples, bf16, args.steps,
-                        reuse, checkpointing)
+                        reuse)
         r["bound_fraction"] = r["tokens_per_s"] * flops_per_token / 1e9 / rates["bfloat16" if bf16 else "float32"]
         results["variants"][name] = r
         base = results["variants"].get("as drawn", r)["tokens_per_s"]

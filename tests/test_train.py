@@ -970,3 +970,18 @@ def test_learned_scales_under_fsdp_1_are_refused_before_anything_is_written(tmp_
     err = capsys.readouterr().err.strip()
     assert "--learn-scales under FSDP 1" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("checkpointing, quantizations", [(False, 14), (True, 56)])
+def test_a_step_quantizes_each_weight_once_for_all_its_micro_batches_unless_checkpointing(
+        tmp_path, tiny_checkpoint, chat_dataset, monkeypatch, checkpointing, quantizations):
+    import quant
+
+    calls = []
+    real = quant.fake_quantize
+    monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    extra = ["--gradient-checkpointing"] if checkpointing else []
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / "run", "--max-steps", "1", "--lmbda", "0",
+                                "--gradient-accumulation-steps", "2", *extra)) == 0
+    # 14 layers; with checkpointing (which must not hold them all) 2 micro-batches x (forward + rerun)
+    assert len(calls) == quantizations
