@@ -17,7 +17,8 @@ the one token before it, i.e. stride = max-length).
 (``DIR/<task>/<split>.jsonl``) through task configs that ``include`` lm-eval's own and
 override only the data source. ``--embedded`` adds the no-benchmark signal on the
 embedded held-out set: token-level KL(teacher || student) on teacher-forced reference
-text, and the teacher's NLL of the student's greedy completions.
+text, the teacher's NLL of the student's greedy completions, and the exposure-bias curve:
+both measures on the student's own sampled continuations, by position (heldout.py).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch
 
 from errors import BadInput
 from harness import PERPLEXITY_TASK, TASKS, check_local_data, perplexity_batch_size, run_lm_eval
-from heldout import EMBEDDED_VERSION, embedded_eval
-from report import compare_rows, find_row, plot, render_table
+from heldout import EMBEDDED_VERSION, EXPOSURE_VERSION, embedded_eval, exposure_curve
+from report import compare_rows, find_row, plot, render_curve, render_table
 from students import load_student, resolve_checkpoint, student_settings
 
 log = logging.getLogger("eval")
@@ -116,6 +117,7 @@ def _at_least(minimum: int):
 
 
 DTYPES = ("float32", "bfloat16")
+GREEDY_TOKENS = 64  # the greedy answers' length before --max-new-tokens: rows at it keep their cache keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wikitext-2 word perplexity (default: on)")
     p.add_argument("--embedded", action=argparse.BooleanOptionalAction, default=False,
                    help="KL and teacher NLL on the embedded held-out set")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=_at_least(1), default=GREEDY_TOKENS,
+                   help="--embedded: length of the greedy answers and of the sampled continuations")
+    p.add_argument("--samples-per-prompt", "--samples_per_prompt", type=_at_least(0), default=2,
+                   help="--embedded: sampled continuations per held-out prompt for the exposure-bias curve (0: none)")
     p.add_argument("--output-dir", "--output_dir", help="where results.md/json and the chart go "
                                                          "(default: <first checkpoint's run>/eval, or eval_results)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired test of row B against row A")
@@ -285,21 +291,34 @@ def run(args) -> int:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def embedded(name_key, model) -> dict:
+        """The row's embedded metrics and exposure-bias curve, each cached under its own key
+        (None: a student, not cached)."""
         dtype_part = [args.dtype] if args.dtype != "float32" else []
-        return cached_result(key_of("embedded", EMBEDDED_VERSION, name_key, teacher_source or "embedded", args.limit,
-                                    *dtype_part),
-                             lambda: embedded_eval(teacher, model, tokenizer, limit=args.limit), args.no_cache)
+        length_part = [args.max_new_tokens] if args.max_new_tokens != GREEDY_TOKENS else []
+        metrics = cached_result(
+            name_key and key_of("embedded", EMBEDDED_VERSION, name_key, teacher_source or "embedded", args.limit,
+                                *dtype_part, *length_part),
+            lambda: embedded_eval(teacher, model, tokenizer, max_new_tokens=args.max_new_tokens, limit=args.limit),
+            args.no_cache)
+        if not args.samples_per_prompt:
+            return {"embedded": metrics}
+        curve = cached_result(
+            name_key and key_of("exposure", EXPOSURE_VERSION, name_key, teacher_source or "embedded", args.limit,
+                                args.max_new_tokens, args.samples_per_prompt, *dtype_part),
+            lambda: exposure_curve(teacher, model, tokenizer, max_new_tokens=args.max_new_tokens,
+                                   samples_per_prompt=args.samples_per_prompt, limit=args.limit), args.no_cache)
+        return {"embedded": metrics, "exposure": curve}
 
     rows["teacher"] = evaluate_row(teacher, tokenizer, args, tasks,
                                    hashlib.sha256(("teacher" + common_key).encode()).hexdigest()[:20])
     if args.embedded:
-        rows["teacher"]["embedded"] = embedded("teacher", teacher)
+        rows["teacher"].update(embedded("teacher", teacher))
     for name, key in ptq.items():
         cache_key = hashlib.sha256((json.dumps(key, sort_keys=True) + common_key).encode()).hexdigest()[:20]
         model = on_device(ptq_baseline(teacher, key), device, dtype)
         rows[name] = evaluate_row(model, tokenizer, args, tasks, cache_key)
         if args.embedded:
-            rows[name]["embedded"] = embedded(key, model)
+            rows[name].update(embedded(key, model))
         del model
         free(device)
     for checkpoint in checkpoints:  # one student on the device at a time
@@ -307,17 +326,20 @@ def run(args) -> int:
         name = student_row_name(checkpoint)
         rows[name] = evaluate_row(model, tokenizer, args, tasks)
         if args.embedded:
-            rows[name]["embedded"] = embedded_eval(teacher, model, tokenizer, limit=args.limit)
+            rows[name].update(embedded(None, model))
         del model
         free(device)
 
     table = render_table(rows, tasks)
+    curve = render_curve(rows)
+    table += f"\n\n{curve}" if curve else ""
     comparison_lines = compare_rows(rows, tasks, *compare) if compare else []
     output_dir.mkdir(parents=True, exist_ok=True)
     report = table + ("\n\n" + "\n".join(comparison_lines) if comparison_lines else "") + "\n"
     (output_dir / "results.md").write_text(report)
+    embedded_settings = {"embedded_max_new_tokens": args.max_new_tokens} if args.embedded else {}
     (output_dir / "results.json").write_text(json.dumps({"tasks": tasks, "limit": args.limit, "data": source,
-                                                         "rows": rows}, indent=1))
+                                                         **embedded_settings, "rows": rows}, indent=1))
     if tasks:
         plot(rows, tasks, output_dir / "results.png")
     print(report)

@@ -3,7 +3,8 @@
 Every metric is also given as the fraction of the ``ptq`` -> ``teacher`` gap a row closed
 (``gap_closed``; sweep.py summarises runs with it too). ``--compare A B`` pairs the two
 rows' per-item results: a paired bootstrap confidence interval of the difference and
-McNemar's exact test on the discordant items.
+McNemar's exact test on the discordant items; and, where both rows have an exposure-bias
+curve (heldout.exposure_curve), its per-prompt means, bucket by bucket.
 """
 
 from __future__ import annotations
@@ -16,30 +17,40 @@ from errors import BadInput
 from harness import PERPLEXITY_TASK
 
 
-def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000) -> dict:
-    """B - A on the same items: mean difference in points, a paired bootstrap 95% CI, and
-    McNemar's exact two-sided p-value on the discordant pairs."""
+def bootstrap_ci(values: list[float], seed: int = 0, resamples: int = 10_000) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the mean of ``values`` (resampled with replacement)."""
+    n = len(values)
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: int = 10_000,
+                      scale: float = 100.0) -> dict:
+    """B - A on the same items: mean difference times ``scale`` (100: points of accuracy), a
+    paired bootstrap 95% CI, and McNemar's exact two-sided p-value on the discordant pairs (on
+    continuous values: the sign test)."""
     if len(a) != len(b) or not a:
         raise BadInput(f"cannot pair {len(a)} items with {len(b)}: evaluate both with the same tasks and --limit")
     diffs = [y - x for x, y in zip(a, b)]
     n = len(diffs)
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    low, high = bootstrap_ci(diffs, seed, resamples)
     b_only, a_only = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     discordant = a_only + b_only
     tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1)) / 2**discordant if discordant else 1.0
-    return {"diff": 100 * sum(diffs) / n, "ci_low": 100 * means[int(0.025 * resamples)],
-            "ci_high": 100 * means[int(0.975 * resamples) - 1], "p_value": min(1.0, 2 * tail), "n": n,
-            "a_only": a_only, "b_only": b_only}
+    return {"diff": scale * sum(diffs) / n, "ci_low": scale * low, "ci_high": scale * high,
+            "p_value": min(1.0, 2 * tail), "n": n, "a_only": a_only, "b_only": b_only}
 
 
-def verdict(name_a: str, name_b: str, stats: dict, alpha: float = 0.05) -> str:
+def verdict(name_a: str, name_b: str, stats: dict, alpha: float = 0.05, unit: str = "points", digits: int = 2,
+            lower_is_better: bool = False) -> str:
     half = (stats["ci_high"] - stats["ci_low"]) / 2
     if stats["p_value"] >= alpha:
-        return (f"no significant difference ({name_b} - {name_a} = {stats['diff']:+.2f} +- {half:.2f} points, "
-                f"p = {stats['p_value']:.2g}, n = {stats['n']})")
-    better, worse = (name_b, name_a) if stats["diff"] > 0 else (name_a, name_b)
-    return f"{better} better than {worse} by {abs(stats['diff']):.2f} +- {half:.2f} points, p = {stats['p_value']:.2g}"
+        return (f"no significant difference ({name_b} - {name_a} = {stats['diff']:+.{digits}f} +- {half:.{digits}f} "
+                f"{unit}, p = {stats['p_value']:.2g}, n = {stats['n']})")
+    better, worse = (name_b, name_a) if (stats["diff"] > 0) != lower_is_better else (name_a, name_b)
+    return (f"{better} better than {worse} by {abs(stats['diff']):.{digits}f} +- {half:.{digits}f} {unit}, "
+            f"p = {stats['p_value']:.2g}")
 
 
 def average(row: dict, tasks: list[str]) -> float | None:
@@ -93,6 +104,37 @@ def render_table(rows: dict[str, dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+CURVE_METRICS = (("kl", "KL(T‖S)"), ("teacher_nll", "teacher NLL"))
+
+
+def render_curve(rows: dict[str, dict]) -> str:
+    """The exposure-bias curve of each row with one (eval.py --embedded): per position bucket
+    of the sampled continuations, each metric's mean over prompts [bootstrap 95% CI], then
+    the tokens (and prompts) the bucket holds."""
+    curves = {name: row["exposure"] for name, row in rows.items() if row.get("exposure")}
+    if not curves:
+        return ""
+    first = next(iter(curves.values()))
+    buckets = max((list(c["kl"]) for c in curves.values()), key=len)
+    lines = [f"exposure-bias curve: the row's own samples of the held-out prompts ({first['samples_per_prompt']} a "
+             f"prompt, temperature {first['temperature']:g}, up to {first['max_new_tokens']} new tokens), teacher-forced; "
+             f"by position in the continuation, mean over prompts [bootstrap 95% CI]", "",
+             "| model | measure | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 2)]
+
+    def cell(stats):
+        if not stats or stats["mean"] is None:
+            return "–"
+        return f"{stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
+
+    for name, curve in curves.items():
+        for key, label in CURVE_METRICS:
+            lines.append(f"| {name} | {label} | " + " | ".join(cell(curve[key].get(b)) for b in buckets) + " |")
+        counts = [f"{curve['kl'][b]['tokens']} ({curve['kl'][b]['prompts']})" if b in curve["kl"] else "–"
+                  for b in buckets]
+        lines.append(f"| {name} | tokens (prompts) | " + " | ".join(counts) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: dict[str, dict], tasks: list[str], path: Path) -> None:
     import matplotlib
 
@@ -132,4 +174,16 @@ def compare_rows(rows: dict, tasks: list[str], a: str, b: str) -> list[str]:
             lines.append(f"- {task}: no per-item results to pair")
             continue
         lines.append(f"- {task}: {verdict(a, b, paired_comparison(items_a, items_b))}")
+    curve_a, curve_b = rows[a].get("exposure"), rows[b].get("exposure")
+    if curve_a and curve_b:
+        lines.append(f"exposure-bias curve, {b} vs {a}, paired by prompt (bootstrap 95% CI, sign test p):")
+        for key, label in CURVE_METRICS:
+            for bucket in [b_ for b_ in curve_a[key] if b_ in curve_b[key]]:
+                pairs = [(x, y) for x, y in zip(curve_a[key][bucket]["per_prompt"], curve_b[key][bucket]["per_prompt"])
+                         if x is not None and y is not None]
+                if not pairs:
+                    lines.append(f"- {label} {bucket}: no prompt reaches it in both rows")
+                    continue
+                stats = paired_comparison([x for x, _ in pairs], [y for _, y in pairs], scale=1.0)
+                lines.append(f"- {label} {bucket}: {verdict(a, b, stats, unit='nats', digits=4, lower_is_better=True)}")
     return lines

@@ -4,7 +4,9 @@ Training samples the student's (on-policy steps) or the teacher's (``--seq-kd``)
 at ``--temperature``; the held-out evaluation takes the student's greedy ones. Both go
 through ``generate_completions``: prompts left-padded into one batch, a generation config
 built from scratch (``sampling``: plain sampling or greedy, nothing else from the model's
-own config but its stop tokens), and each row cut after its first stop token.
+own config but its stop tokens), and each row cut after its first stop token. With
+``row_seeds`` each row samples from its own generator (``RowSeededSampling``), so a row's
+completion does not depend on the rows batched with it (eval.py's exposure-bias curve).
 """
 
 from __future__ import annotations
@@ -70,20 +72,44 @@ def completions_from_generation(generated: torch.Tensor, prompt_width: int, stop
     return completions
 
 
+class RowSeededSampling:
+    """A logits processor that makes greedy decoding sample at ``temperature``, each row with
+    its own generator: the Gumbel-max trick, argmax(logits / T + G) with G Gumbel(0, 1) noise,
+    is a draw from softmax(logits / T). Row b's n-th token uses the n-th draw of
+    ``seeds[b]``'s generator, whatever else is in the batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        exponential = torch.stack([torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=g)
+                                   for g in self.generators])
+        return scores.float() / self.temperature - exponential.log()  # -log(Exp(1)) is Gumbel(0, 1)
+
+
 def generate_completions(model, tokenizer, prompts: list[list[int]], device, *, do_sample: bool,
                          max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
-                         synced_gpus: bool | None = None) -> list[list[int]]:
+                         row_seeds: list[int] | None = None, synced_gpus: bool | None = None) -> list[list[int]]:
     """``model``'s completions of ``prompts`` (token ids, up to and including a stop token),
     in evaluation mode (the mode it was in is restored). ``seed``: the torch seed set just
-    before sampling. ``synced_gpus``: passed to ``generate`` (sharded models decode in step
-    with the other processes until all are done); None leaves it to transformers."""
+    before sampling. ``row_seeds`` (with ``do_sample``): one seed a prompt instead, each row
+    sampled from its own generator. ``synced_gpus``: passed to ``generate`` (sharded models
+    decode in step with the other processes until all are done); None leaves it to transformers."""
+    from transformers import LogitsProcessorList
+
+    if row_seeds is not None and (not do_sample or len(row_seeds) != len(prompts)):
+        raise ValueError(f"row_seeds needs do_sample and one seed a prompt, got {len(row_seeds)} for {len(prompts)}")
     batch = {k: v.to(device) for k, v in left_padded_prompts(prompts, tokenizer.pad_token_id).items()}
     if seed is not None:
         torch.manual_seed(seed)
+    processors = LogitsProcessorList([RowSeededSampling(row_seeds, temperature, device)] if row_seeds else [])
     was_training = model.training
     model.eval()
-    with torch.no_grad(), sampling(model, tokenizer, do_sample=do_sample, temperature=temperature,
-                                   max_new_tokens=max_new_tokens) as config:
-        generated = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus)
+    # With row seeds the processor samples and generate takes the argmax of its scores.
+    with torch.no_grad(), sampling(model, tokenizer, do_sample=do_sample and row_seeds is None,
+                                   temperature=temperature, max_new_tokens=max_new_tokens) as config:
+        generated = model.generate(**batch, generation_config=config, logits_processor=processors,
+                                   synced_gpus=synced_gpus)
     model.train(was_training)
     return completions_from_generation(generated.cpu(), batch["input_ids"].shape[1], config.eos_token_id)

@@ -44,6 +44,25 @@ def tiny_checkpoint(tmp_path_factory, embedded_tokenizer):
     return path
 
 
+@pytest.fixture
+def tiny_student(tmp_path, tiny_checkpoint):
+    """A student checkpoint as train.py writes it: latent weights + quantization settings."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    quantize_model(model, "int4", 32)
+    path = tmp_path / "run" / "checkpoint-2"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(path)
+    (path / "trainer_state.json").write_text("{}")
+    (path.parent / "run_config.json").write_text(json.dumps({"model": str(tiny_checkpoint)}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def chat_dataset(tmp_path_factory):
     """A small local dataset in the chat `messages` schema."""

@@ -48,23 +48,6 @@ def tiny_benchmarks(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_student(tmp_path, tiny_checkpoint) -> Path:
-    """A student checkpoint as train.py writes it: latent weights + quantization settings."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quant import quantize_model
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    quantize_model(model, "int4", 32)
-    path = tmp_path / "run" / "checkpoint-2"
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(path)
-    (path / "trainer_state.json").write_text("{}")
-    (path.parent / "run_config.json").write_text(json.dumps({"model": str(tiny_checkpoint)}))
-    return path
-
-
 def test_paired_comparison_matches_an_exact_mcnemar_test():
     from scipy.stats import binomtest
 

@@ -339,12 +339,13 @@ def test_eval_steps_write_a_learning_curve_that_ends_at_eval_py_value(tmp_path, 
                                                           for i in range(1, 4)]
     for r in (rows[2], rows[3]):
         assert r["heldout_kl_gap_closed"] == pytest.approx(1 - r["heldout_kl"] / rows[0]["heldout_kl"])
-    assert evaluation.main([str(out), "--tasks", "", "--no-perplexity", "--embedded", "--output-dir",
-                            str(tmp_path / "eval")]) == 0
+    assert evaluation.main([str(out), "--tasks", "", "--no-perplexity", "--embedded", "--samples-per-prompt", "0",
+                            "--output-dir", str(tmp_path / "eval")]) == 0
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert evaluated["run/checkpoint-3"]["embedded"]["heldout_kl"] == pytest.approx(rows[3]["heldout_kl"], rel=1e-6)
     assert evaluated["ptq"]["embedded"]["heldout_kl"] == pytest.approx(rows[0]["heldout_kl"], rel=1e-6)
     assert evaluated["teacher"]["embedded"]["heldout_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert "exposure" not in evaluated["ptq"]  # --samples-per-prompt 0: no curve
 
 
 def test_bf16_under_fsdp_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
