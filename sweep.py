@@ -207,7 +207,8 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def _eval_summary(results: dict) -> dict:
     """Per row of eval.py's results.json: accuracies with standard errors, perplexity and the
-    embedded metrics (per-item results kept as 0/1 strings for later paired tests)."""
+    embedded metrics and exposure-bias curve (per-item and per-prompt results kept for later
+    paired tests)."""
     rows = {}
     for name, row in results["rows"].items():
         summary = {}
@@ -218,6 +219,8 @@ def _eval_summary(results: dict) -> dict:
         if "wikitext" in row:
             summary["ppl"] = row["wikitext"].get("word_perplexity")
         summary.update(row.get("embedded", {}))
+        if row.get("exposure"):
+            summary["exposure"] = row["exposure"]
         rows["student" if name not in ("teacher", "ptq") else name] = summary
     return {"tasks": results["tasks"], "limit": results["limit"], "rows": rows}
 

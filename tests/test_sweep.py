@@ -89,6 +89,8 @@ def test_interrupted_runs_resume_and_the_committed_results_summarize_alone(tmp_p
             "teacher", "ptq", f"{name}/checkpoint-2"]
         assert set(result["eval"]["rows"]) == {"teacher", "ptq", "student"}
         assert result["final"]["teacher_nll_of_student"] == result["eval"]["rows"]["student"]["teacher_nll_of_student"]
+        # the exposure-bias curve travels with the result, per prompt for paired comparisons
+        assert len(result["eval"]["rows"]["student"]["exposure"]["kl"]["1-32"]["per_prompt"]) == 4
     runs = sweep.plan_runs(sweep.parse_grid(["lmbda=0.5"]), 1, train_flags(tiny_checkpoint, chat_dataset,
                                                                         "--max-steps", "2"), root)
     assert [r["action"] for r in runs] == ["done"]
