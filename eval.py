@@ -118,6 +118,7 @@ def _at_least(minimum: int):
 
 DTYPES = ("float32", "bfloat16")
 GREEDY_TOKENS = 64  # the greedy answers' length before --max-new-tokens: rows at it keep their cache keys
+MAX_NEW_TOKENS = 4096  # --embedded's longest generation: the position buckets go to 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +159,9 @@ def parse_args(argv) -> argparse.Namespace:
     if unknown:
         raise BadInput(f"unknown task {', '.join(unknown)}; valid: {', '.join(TASKS)}")
     args.task_list = tasks
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens} is more than the held-out metrics generate "
+                       f"({MAX_NEW_TOKENS} at most)")
     if args.data_dir:
         if not Path(args.data_dir).is_dir():
             raise BadInput(f"--data-dir {args.data_dir} is not a directory")
@@ -303,8 +307,10 @@ def run(args) -> int:
         if not args.samples_per_prompt:
             return {"embedded": metrics}
         curve = cached_result(
+            # the device too: its random streams differ, and rows share seeds to be compared
             name_key and key_of("exposure", EXPOSURE_VERSION, name_key, teacher_source or "embedded", args.limit,
-                                args.max_new_tokens, args.samples_per_prompt, *dtype_part),
+                                args.max_new_tokens, args.samples_per_prompt, *dtype_part,
+                                next(model.parameters()).device.type),
             lambda: exposure_curve(teacher, model, tokenizer, max_new_tokens=args.max_new_tokens,
                                    samples_per_prompt=args.samples_per_prompt, limit=args.limit), args.no_cache)
         return {"embedded": metrics, "exposure": curve}

@@ -165,6 +165,14 @@ def input_amax(student, tokenizer, sequences: int = CALIBRATION_SEQUENCES) -> di
     finally:
         for handle in handles:
             handle.remove()
+    unseen = [name for name, _ in quantized_layers(student) if name not in amax]
+    if unseen:  # e.g. a mixture-of-experts expert no calibration token was routed to
+        raise BadInput(f"W4A4 export: no calibration input reached {unseen[0]} ({len(unseen)} layers in all), so its "
+                       f"static NVFP4 input scale is unknown")
+    broken = [name for name, value in amax.items() if not torch.isfinite(value)]
+    if broken:
+        raise BadInput(f"W4A4 export: {broken[0]} sees a non-finite input on the calibration set ({len(broken)} layers "
+                       f"in all); its NVFP4 input scale would be NaN")
     return amax
 
 

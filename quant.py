@@ -201,36 +201,43 @@ def _mx_quantize(x: torch.Tensor, scale_rule: str):
     return _e2m1_round(xb * _exp2(-exponent)), exponent
 
 
+_SCREENED_DEVICES = ("cpu",)  # where the mse rule sums in float64 only the blocks that need it
+
+
 def _mx_quantize_mse(xb: torch.Tensor, floor_exponent: torch.Tensor):
     """Each block's exponent among floor, floor + 1, floor - 1 with the least squared error
     (summed in float64; ties go to the earliest of the three): the floor rule clips a
     block's largest values in (6, 8) x scale, a finer or coarser scale may err less. Any
     per-block exponent is an E8M0 byte, so the result deploys as is.
 
-    This runs on every weight at every training step, so the float64 sums are taken only
-    for the blocks whose float32 sums could rank differently: a float32 sum of 32 squares
-    is within 2^-18 of the exact one relative (plus 2^-120 absolute for underflowed
-    squares), far inside the margin, and an Inf or NaN sum is never taken as decided."""
+    This runs on every weight at every training step, so on the CPU the float64 sums are
+    taken only for the blocks whose float32 sums could rank differently: a float32 sum of 32
+    squares is within 2^-18 of the exact one relative (plus 2^-120 absolute for underflowed
+    squares), far inside the margin, and an Inf or NaN sum is never taken as decided. An
+    accelerator sums every block in float64: picking out the few would wait on the host."""
     finite = floor_exponent != E8M0_NAN - E8M0_BIAS
     exponents = [torch.where(finite, (floor_exponent + shift).clamp(-E8M0_BIAS, E8M0_BIAS), floor_exponent)
                  for shift in (0, 1, -1)]
     values = [_e2m1_round(xb * _exp2(-exponent)) for exponent in exponents]
     residuals = [xb - v * _exp2(exponent) for v, exponent in zip(values, exponents)]
     errors = torch.cat([(r * r).sum(-1, keepdim=True) for r in residuals], -1)  # [..., blocks, 3]
-    lowest, second = errors.topk(2, -1, largest=False).values.unbind(-1)
-    choice = errors.argmin(-1, keepdim=True)
-    undecided = ~(second - lowest > 2.0 ** -10 * second + 2.0 ** -100)
-    if undecided.any():
-        choice[undecided] = _least_error_float64([r[undecided] for r in residuals])
+    if xb.device.type in _SCREENED_DEVICES:
+        lowest, second = errors.topk(2, -1, largest=False).values.unbind(-1)
+        choice = errors.argmin(-1, keepdim=True)
+        undecided = ~(second - lowest > 2.0 ** -10 * second + 2.0 ** -100)
+        if undecided.any():
+            choice[undecided] = _least_error_float64([r[undecided] for r in residuals])
+    else:  # an accelerator: float64 everywhere beats asking the host which blocks need it
+        choice = _least_error_float64(residuals)
     best_values = torch.where(choice == 0, values[0], torch.where(choice == 1, values[1], values[2]))
     best_exponent = torch.where(choice == 0, exponents[0], torch.where(choice == 1, exponents[1], exponents[2]))
     return best_values, best_exponent
 
 
 def _least_error_float64(residuals: list[torch.Tensor]) -> torch.Tensor:
-    """[n, 1]: which of the candidates' residuals [n, 32] has the least float64 sum of
+    """[..., 1]: which of the candidates' residuals [..., 32] has the least float64 sum of
     squares, the earliest on ties; a NaN sum never wins over the first candidate."""
-    best = torch.zeros(residuals[0].shape[0], 1, dtype=torch.long, device=residuals[0].device)
+    best = torch.zeros(*residuals[0].shape[:-1], 1, dtype=torch.long, device=residuals[0].device)
     best_error = residuals[0].double().square().sum(-1, keepdim=True)
     for index, residual in enumerate(residuals[1:], start=1):
         error = residual.double().square().sum(-1, keepdim=True)
@@ -523,11 +530,12 @@ class _ReusedStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, latent, quantized):
+        ctx.latent_dtype = latent.dtype
         return quantized.view_as(quantized)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None
+        return grad_output.to(ctx.latent_dtype), None
 
 
 # The parameters ``learn_scales`` gives an INT4 layer: its group statistics, [out, in / g].
@@ -627,11 +635,16 @@ class FakeQuantLinear(nn.Linear):
             raise RuntimeError("a forward with gradients inside frozen_quant() would not train the latent "
                                "weights; run it under torch.no_grad() or leave frozen_quant() first")
         latent = None if self._reuse == "frozen" else self.latent_weight()
-        key = tuple((p._version, p.data_ptr()) for p in trained)
+        dtype = self._cache_dtype
+        if latent is not None and torch.is_autocast_enabled(latent.device.type):
+            # what autocast would cast the weight to in every forward, held once: the cache
+            # is then the very tensor the backward saves, not a float32 copy beside it
+            dtype = torch.get_autocast_dtype(latent.device.type)
+        key = (tuple((p._version, p.data_ptr()) for p in trained), dtype)
         if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
             with torch.no_grad():
                 quantized = self._quantize(self.latent_weight() if latent is None else latent.detach())
-                self._cache = (key, quantized.to(self._cache_dtype or quantized.dtype))
+                self._cache = (key, quantized.to(dtype or quantized.dtype))
         if latent is None:
             return self._cache[1]
         return _ReusedStraightThrough.apply(latent, self._cache[1])
@@ -824,11 +837,12 @@ def reused_quant(model: nn.Module):
 
     For a step's micro-batches (gradient accumulation): the weights change only at the
     optimizer step, so each would quantize the same weights again. The same values and
-    gradients as without it. Layers with learned scales quantize every forward (their
+    gradients as without it. Under autocast it holds the weights in autocast's dtype, as
+    autocast would cast them. Layers with learned scales quantize every forward (their
     scales take gradients through the quantizer). It holds every layer's quantized weight
-    for as long as it lasts, as a backward does without gradient checkpointing (with it,
-    this costs that memory back). Not for FSDP, whose gathered weights are not the layer's
-    own between forwards.
+    for as long as it lasts, as a backward holds them all at its start (gradient
+    checkpointing exists not to: there this costs that memory back). Not for FSDP, whose
+    gathered weights are not the layer's own between forwards.
     """
     with _reusing(model, "step"):
         yield model

@@ -6,7 +6,9 @@ through ``generate_completions``: prompts left-padded into one batch, a generati
 built from scratch (``sampling``: plain sampling or greedy, nothing else from the model's
 own config but its stop tokens), and each row cut after its first stop token. With
 ``row_seeds`` each row samples from its own generator (``RowSeededSampling``), so a row's
-completion does not depend on the rows batched with it (eval.py's exposure-bias curve).
+completion does not depend on the rows batched with it (eval.py's exposure-bias curve), as
+long as the model computes each row alone (an NVFP4 W4A4 student's activation scale is the
+batch's).
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def load_student(checkpoint: Path):
 
         model = AutoModelForCausalLM.from_pretrained(  # unpacked by compressed-tensors, in float32
             checkpoint, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-        if settings.get("act_quant"):  # transformers runs the weights alone: the inputs as vLLM quantizes them
+        if settings.get("act_quant"):  # transformers runs the weights alone: the inputs as training quantized them
             quantize_exported_inputs(model, checkpoint, config, settings["quant_type"])
         return model.eval(), AutoTokenizer.from_pretrained(checkpoint), settings
     model, tokenizer = load_model(checkpoint)

@@ -314,6 +314,9 @@ def prepare_student(student, c: TrainConfig) -> None:
     if saved_settings:  # a saved student: rebuild exactly the quantization it was trained with
         if c.act_quant and not saved_settings.get("act_quant"):  # a W4A16 student goes on as W4A4
             saved_settings = {**saved_settings, "act_quant": True}
+        if saved_settings.get("act_quant") and not c.act_quant:
+            raise BadInput(f"{c.student_model or c.model} is a W4A4 student (its inputs quantized too): pass "
+                           f"--act-quant to go on training it, or start from its full-precision teacher")
         quantize_model_from_settings(student, saved_settings)
         if saved_settings.get("learn_scales"):  # not weights to transformers: loaded here
             from checkpoints import load_weights
@@ -583,11 +586,12 @@ def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, di
     accelerator, world = run.accelerator, run.accelerator.num_processes
     total = torch.zeros((), device=accelerator.device)
     timings = {"teacher_forward_s": 0.0, "student_forward_backward_s": 0.0}
-    # The weights change only at the optimizer step: the micro-batches' forwards reuse one
-    # quantization, which each backward holds anyway. Not with gradient checkpointing, whose
-    # point is not to hold every layer's weight at once, nor under FSDP, which gathers each
-    # layer's weight anew for every forward.
-    reuse = not (run.c.gradient_checkpointing or accelerator.distributed_type == DistributedType.FSDP)
+    # The weights change only at the optimizer step: several micro-batches reuse one
+    # quantization. One micro-batch gains nothing and would hold every quantized weight to
+    # the end of its backward; gradient checkpointing exists not to hold them all at once;
+    # FSDP gathers each layer's weight anew for every forward.
+    reuse = len(batches) > 1 and not (run.c.gradient_checkpointing or
+                                      accelerator.distributed_type == DistributedType.FSDP)
     with reused_quant(run.student_model) if reuse else nullcontext():
         for i, batch in enumerate(batches):
             with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(run.student):

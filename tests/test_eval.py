@@ -233,6 +233,7 @@ def loads_no_model(monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "abc"], "argument --batch-size/--batch_size: must be a positive integer or 'auto', got 'abc'"),
     (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
+    (["--max-new-tokens", "10000"], "--max-new-tokens 10000 is more than the held-out metrics generate (4096 at most)"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     (["--compare", "ptq", "chekpoint-9"], "--compare: no single row named 'chekpoint-9'; rows are teacher, ptq, "
                                           "run/checkpoint-2"),

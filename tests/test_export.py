@@ -203,6 +203,16 @@ def test_a_w4a4_export_declares_its_inputs_as_the_w4a4_preset_and_unpacks_to_the
     assert_same_logits(student, loaded, ids)
 
 
+def test_w4a4_calibration_that_sees_a_non_finite_input_is_refused_in_one_line(tmp_path, embedded_tokenizer):
+    from errors import BadInput
+
+    student = student_of(make_student(tmp_path / "student", embedded_tokenizer, "llama", "nvfp4", act_quant=True))
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(BadInput, match="non-finite input on the calibration set"):
+        export.input_amax(student, embedded_tokenizer)
+
+
 def test_a_w4a4_student_is_refused_by_gguf_in_one_line_and_nothing_is_written(tmp_path, embedded_tokenizer, capsys):
     checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "mxfp4", act_quant=True)
     capsys.readouterr()

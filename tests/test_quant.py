@@ -85,7 +85,11 @@ def mxfp4_reference_at(block: torch.Tensor, e: int) -> torch.Tensor:
     return grid[idx] * torch.sign(block) * scale
 
 
-def test_mxfp4_mse_scale_matches_float64_reference_and_never_errs_more_than_floor():
+@pytest.mark.parametrize("screened", [True, False], ids=["cpu: float64 where float32 could rank wrong",
+                                                         "accelerators: float64 everywhere"])
+def test_mxfp4_mse_scale_matches_float64_reference_and_never_errs_more_than_floor(monkeypatch, screened):
+    if not screened:
+        monkeypatch.setattr(quant, "_SCREENED_DEVICES", ())
     g = torch.Generator().manual_seed(5)
     magnitudes = torch.logspace(-30, 30, 64, base=2).repeat_interleave(32)[:, None]
     x = torch.cat([torch.randn(64 * 32, 32, generator=g) * magnitudes[: 64 * 32],
@@ -426,6 +430,24 @@ def test_reused_quant_quantizes_once_a_step_with_the_same_gradients(tiny, monkey
     assert all(torch.equal(got[name], expected[name]) for name in expected)
     if setup != "learned scales":  # those take their scales' gradients through the quantizer each forward
         assert len(calls) == 14  # once per layer for 3 micro-batches and their reruns
+
+
+@pytest.mark.parametrize("quant_type", ["mxfp4", "int4_sym"])
+def test_reused_quant_under_autocast_holds_what_autocast_computes_with_and_gives_the_same_gradients(tiny,
+                                                                                                   quant_type):
+    quantize_model(tiny, quant_type, 32)
+    tiny.train()
+    g = torch.Generator().manual_seed(4)
+    micro_batches = [torch.randint(0, 128, (2, 9), generator=g) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = accumulated_gradients(tiny, micro_batches, cache=False)
+        with reused_quant(tiny):
+            tiny(micro_batches[0])
+            layer = tiny.model.layers[0].mlp.up_proj
+            assert layer._cache[1].dtype == torch.bfloat16  # not a float32 copy beside autocast's
+        got = accumulated_gradients(tiny, micro_batches, cache=True)
+    assert got.keys() == expected.keys()
+    assert all(got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]) for name in expected)
 
 
 def test_reused_quant_requantizes_after_an_optimizer_step_and_outlives_a_nested_rollout_cache(tiny, monkeypatch):

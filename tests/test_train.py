@@ -444,6 +444,20 @@ def test_a_saved_w4a16_student_goes_on_as_w4a4_with_act_quant(tmp_path):
         assert student.config.fake_quant["act_quant"] is act_quant
 
 
+def test_a_saved_w4a4_student_without_act_quant_is_refused_in_one_line(tmp_path):
+    from conftest import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from quant import quantize_model
+
+    model = tiny_model("llama")
+    quantize_model(model, "mxfp4", act_quant=True)
+    model.save_pretrained(tmp_path)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(train.BadInput, match="W4A4 student.*pass --act-quant"):
+        train.prepare_student(student, train.parse_config(["--student-model", str(tmp_path)]))
+
+
 def test_sigint_finishes_the_step_saves_and_exits_non_zero(tmp_path, tiny_checkpoint, chat_dataset, monkeypatch,
                                                             capsys):
     import losses
@@ -973,16 +987,19 @@ def test_learned_scales_under_fsdp_1_are_refused_before_anything_is_written(tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("checkpointing, quantizations", [(False, 14), (True, 56)])
+@pytest.mark.parametrize("micro_batches, checkpointing, quantizations", [(2, False, 14), (2, True, 56), (1, False, 14)])
 def test_a_step_quantizes_each_weight_once_for_all_its_micro_batches_unless_checkpointing(
-        tmp_path, tiny_checkpoint, chat_dataset, monkeypatch, checkpointing, quantizations):
+        tmp_path, tiny_checkpoint, chat_dataset, monkeypatch, micro_batches, checkpointing, quantizations):
     import quant
 
-    calls = []
-    real = quant.fake_quantize
+    calls, reused = [], []
+    real, real_reused = quant.fake_quantize, quant.reused_quant
     monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(quant, "reused_quant", lambda model: reused.append(1) or real_reused(model))
     extra = ["--gradient-checkpointing"] if checkpointing else []
     assert train.main(tiny_args(tiny_checkpoint, chat_dataset, tmp_path / "run", "--max-steps", "1", "--lmbda", "0",
-                                "--gradient-accumulation-steps", "2", *extra)) == 0
+                                "--gradient-accumulation-steps", str(micro_batches), *extra)) == 0
     # 14 layers; with checkpointing (which must not hold them all) 2 micro-batches x (forward + rerun)
     assert len(calls) == quantizations
+    # one micro-batch gains nothing from the cache and would hold every quantized weight to its end
+    assert len(reused) == (micro_batches > 1 and not checkpointing)
