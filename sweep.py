@@ -182,7 +182,14 @@ def _script(name: str) -> str:
 
 def train_command(launcher: str, run: dict) -> list[str]:
     argv = run["argv"] + (["--resume"] if run["action"] == "resume" else [])
-    return [*shlex.split(launcher), _script("train.py"), *argv]
+    launch = shlex.split(launcher)
+    # accelerate launch decides the mixed precision and train.py refuses a different one: a run
+    # of --mixed-precision bf16 launches with it, unless the launcher says so itself
+    precision = run["config"].mixed_precision
+    if launch[:2] == ["accelerate", "launch"] and precision != "no" and \
+            not any(a.split("=")[0] in ("--mixed_precision", "--mixed-precision") for a in launch):
+        launch += ["--mixed_precision", precision]
+    return [*launch, _script("train.py"), *argv]
 
 
 def eval_command(run: dict, eval_flags: str) -> list[str]:

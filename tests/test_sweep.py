@@ -162,6 +162,19 @@ def test_dry_run_prints_one_command_per_run_with_the_launcher(tmp_path, tiny_che
     assert not root.exists()
 
 
+def test_a_run_in_bf16_is_launched_in_bf16(tmp_path, tiny_checkpoint, chat_dataset, capsys):
+    root = tmp_path / "sweep"
+    assert sweep.main(["--grid", "mixed_precision=no,bf16", "--root", str(root), "--dry-run", "--",
+                       *train_flags(tiny_checkpoint, chat_dataset)]) == 0
+    plain, bf16 = capsys.readouterr().out.splitlines()
+    assert plain.startswith("accelerate launch train.py ")  # as before: the launcher's default
+    assert bf16.startswith("accelerate launch --mixed_precision bf16 train.py ") and "--mixed-precision bf16" in bf16
+    assert sweep.main(["--grid", "mixed_precision=bf16", "--root", str(root), "--dry-run",
+                       "--launcher", "accelerate launch --mixed_precision=bf16", "--",
+                       *train_flags(tiny_checkpoint, chat_dataset)]) == 0
+    assert capsys.readouterr().out.startswith("accelerate launch --mixed_precision=bf16 train.py ")
+
+
 def test_an_on_off_flag_sweeps_as_the_flag_and_its_no_form(tmp_path, tiny_checkpoint, chat_dataset, capsys):
     root = tmp_path / "sweep"
     assert sweep.main(["--grid", "fused_loss=true,false", "--root", str(root), "--dry-run", "--",
