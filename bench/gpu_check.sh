@@ -4,8 +4,11 @@
 # result. tests/test_train.py runs the same code paths sharded over two gloo CPU processes
 # (tests/fsdp_on_cpu.py); this runs them as users will. The embedded SmolLM2-135M and data,
 # offline; a few minutes. Then, where vLLM is installed, vLLM serves the compressed-tensors
-# export of the final checkpoint (bench/vllm_check.py: its greedy answers and logprobs against
-# the student's; one "skip:" line where vLLM is absent).
+# export of the final checkpoint, and NVFP4 exports of the embedded model rounded to nearest,
+# W4A16 and W4A4 (bench/vllm_check.py: the schemes vLLM picks, no warning about a fused layer's
+# NVFP4 global scales, its greedy answers and logprobs against the student's; one "skip:" line
+# where vLLM is absent). Without FP4 tensor cores (before Blackwell) vLLM runs the W4A4 export
+# in emulation.
 #
 #     bash bench/gpu_check.sh            # every visible GPU
 #     GPUS=2 OUT=/tmp/gpu_check bash bench/gpu_check.sh
@@ -103,4 +106,7 @@ PY
 
 echo "== vLLM serves the compressed-tensors export of checkpoint-4 as the student computes it =="
 timeout "$LIMIT" uv run python bench/vllm_check.py "$OUT/straight/checkpoint-4" --out "$OUT/vllm"
+echo "== vLLM serves NVFP4 exports (the embedded model rounded to nearest): W4A16, then W4A4 =="
+timeout "$LIMIT" uv run python bench/vllm_check.py --ptq nvfp4 --out "$OUT/vllm_nvfp4"
+timeout "$LIMIT" uv run python bench/vllm_check.py --ptq nvfp4 --act-quant --out "$OUT/vllm_nvfp4_w4a4"
 echo "all checks passed ($OUT)"

@@ -372,7 +372,14 @@ def test_out_holding_the_checkpoint_is_refused_even_with_overwrite(tmp_path, emb
 # _quantization_scheme_map_from_config parse the config, get_scheme_dict matches a layer
 # (utils.should_ignore_layer, find_matched_target), _get_scheme_from_parts picks the scheme,
 # whose create_weights names the tensors its loader fills. An MXFP4 student must land in
-# CompressedTensorsW4A16Mxfp4, an int4_sym one in CompressedTensorsWNA16.
+# CompressedTensorsW4A16Mxfp4, an int4_sym one in CompressedTensorsWNA16, an NVFP4 one in
+# CompressedTensorsW4A16Fp4 (_is_fp4a16_nvfp4, tried before any format rule) or, W4A4, in
+# CompressedTensorsW4A4Fp4 (_is_fp4a4_nvfp4; nvfp4-pack-quantized is an activation format).
+# The NVFP4 schemes register one weight_global_scale (and input_global_scale) per shard of a
+# fused layer, then keep 1 / the largest (process_weights_after_loading: compressed-tensors
+# stores the divisor): the shards' block scales are only right under their own, so they must
+# be equal. The W4A4 scheme warns where they are not ("the global scale for input or weight
+# are different for parallel layers"); the W4A16 one takes the largest silently.
 
 # packed_modules_mapping of vLLM's Llama and Qwen3: these shards are one layer there
 VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -384,9 +391,11 @@ CT_0_13_WEIGHT_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy"
 WNA16_GROUP_SIZES = {32, 64, 128}  # MARLIN_SUPPORTED_GROUP_SIZES less -1 (channel-wise); Machete takes 128
 
 
-def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int]], quant_type: str) -> list[str]:
-    """Why vLLM would not serve this export with the W4A16 scheme of ``quant_type``, one reason
-    a line (none: it would). ``linears``: (out, in) features of the model's linear layers by name."""
+def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int]], quant_type: str,
+                  act_quant: bool = False) -> list[str]:
+    """Why vLLM would not serve this export with the W4A16 scheme of ``quant_type`` (``act_quant``:
+    NVFP4's W4A4 one), or would serve it wrong, one reason a line (none: it serves it as
+    stored). ``linears``: (out, in) features of the model's linear layers by name."""
     reasons = []
     q = config.get("quantization_config") or {}
     if q.get("quant_method") != "compressed-tensors":
@@ -405,20 +414,29 @@ def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int
         if rope.get("rope_type", "default") != "default" and (config.get("rope_scaling") or {}).get("rope_type") \
                 != rope["rope_type"]:
             reasons.append(f"rope_scaling {config.get('rope_scaling')}: transformers 4 does not scale the rotary base")
-    expected_format = {"mxfp4": "mxfp4-pack-quantized", "int4_sym": "pack-quantized"}[quant_type]
+    expected_format = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized",
+                       "int4_sym": "pack-quantized"}[quant_type]
     group_of, ignore = {}, q.get("ignore") or []
     for key, group in (q.get("config_groups") or {}).items():
         w = group.get("weights") or {}
         fmt = group.get("format") or q.get("format")  # get_scheme_dict falls back to the global format
-        if fmt != expected_format or fmt in VLLM_ACTIVATION_FORMATS:
+        if fmt != expected_format or (fmt in VLLM_ACTIVATION_FORMATS and quant_type != "nvfp4"):
             reasons.append(f"{key}: format {fmt!r}")
-        if group.get("input_activations") or group.get("output_activations"):
+        inputs = group.get("input_activations") or {}
+        if group.get("output_activations") or (inputs and not act_quant):
             reasons.append(f"{key}: not weight-only")
-        if unknown := sorted(set(w) - CT_0_13_WEIGHT_KEYS):
-            reasons.append(f"{key}: weights keys {unknown} unknown to compressed-tensors 0.13")
+        if act_quant and (inputs.get("num_bits"), inputs.get("type"), inputs.get("strategy"), inputs.get("group_size"),
+                          inputs.get("symmetric")) != (4, "float", "tensor_group", 16, True):  # _is_fp4a4_nvfp4
+            reasons.append(f"{key}: input_activations are not NVFP4 ({inputs})")
+        for kind, args in (("weights", w), ("input_activations", inputs)):
+            if unknown := sorted(set(args) - CT_0_13_WEIGHT_KEYS):
+                reasons.append(f"{key}: {kind} keys {unknown} unknown to compressed-tensors 0.13")
+        strategy = "tensor_group" if quant_type == "nvfp4" else "group"
         if (w.get("num_bits"), w.get("strategy"), w.get("symmetric"), w.get("dynamic", False), w.get("actorder")) \
-                != (4, "group", True, False, None):
-            reasons.append(f"{key}: not 4-bit static symmetric group-wise without actorder ({w})")
+                != (4, strategy, True, False, None):
+            reasons.append(f"{key}: not 4-bit static symmetric {strategy}-wise without actorder ({w})")
+        if quant_type == "nvfp4" and (w.get("type"), w.get("group_size")) != ("float", 16):  # _is_fp4a16_nvfp4
+            reasons.append(f"{key}: not float groups of 16 ({w.get('type')}, {w.get('group_size')})")
         if quant_type == "mxfp4" and (w.get("type"), w.get("group_size")) != ("float", 32):  # _is_mxfp4
             reasons.append(f"{key}: not float groups of 32 ({w.get('type')}, {w.get('group_size')})")
         if quant_type == "int4_sym" and (w.get("type") != "int" or w.get("group_size") not in WNA16_GROUP_SIZES):
@@ -444,6 +462,11 @@ def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int
             # shard matched and gives the fused layer the first shard's scheme
             if proj == shards[0] and len({group_of.get(f"{prefix}.{s}") for s in shards}) > 1:
                 reasons.append(f"{prefix}.{fused}: its shards are not in one config group")
+            for part in ("weight_global_scale", "input_global_scale") if proj == shards[0] else ():
+                values = {tensors[f"{prefix}.{s}.{part}"].item() for s in shards if f"{prefix}.{s}.{part}" in tensors}
+                if len(values) > 1:  # NVFP4: one per fused layer, the largest taken
+                    reasons.append(f"{prefix}.{fused}: its shards' {part} differ ({sorted(values)}); vLLM keeps "
+                                   f"the largest")
     for name, key in group_of.items():  # what the scheme's create_weights registers, and only that
         if name not in linears:
             continue
@@ -452,6 +475,12 @@ def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int
         if quant_type == "mxfp4":
             expected = {"weight_packed": (torch.uint8, (out_features, in_features // 2)),
                         "weight_scale": (torch.uint8, (out_features, in_features // 32))}
+        elif quant_type == "nvfp4":
+            expected = {"weight_packed": (torch.uint8, (out_features, in_features // 2)),
+                        "weight_scale": (torch.float8_e4m3fn, (out_features, in_features // 16)),
+                        "weight_global_scale": (torch.float32, (1,))}
+            if act_quant:
+                expected["input_global_scale"] = (torch.float32, (1,))
         else:
             expected = {"weight_packed": (torch.int32, (out_features, in_features // 8)),
                         "weight_scale": (None, (out_features, in_features // group_size)),
@@ -468,13 +497,39 @@ def vllm_refusals(config: dict, tensors: dict, linears: dict[str, tuple[int, int
                 reasons.append(f"{name}.{part}: {t.dtype} {tuple(t.shape)}, vLLM's parameter is {dtype} {shape}")
         if quant_type == "int4_sym" and found["weight_shape"].tolist() != [out_features, in_features]:
             reasons.append(f"{name}.weight_shape is {found['weight_shape'].tolist()}")
+        for part in ("weight_global_scale", "input_global_scale"):  # divisors: 1 / the tensor scale
+            if part in found and not bool((found[part] > 0).all() and torch.isfinite(found[part]).all()):
+                reasons.append(f"{name}.{part} is {found[part].tolist()}, not a positive finite divisor")
     return reasons
 
 
-def exported_for_vllm(tmp_path: Path, tokenizer, arch: str, quant_type: str, **overrides):
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def vllm_nvfp4_weight(tensors: dict, name: str) -> torch.Tensor:
+    """The float32 weight of the vLLM layer holding linear layer ``name`` (the fused layer of
+    its shards, ``VLLM_FUSED``), as its NVFP4 schemes build it: the shards' packed codes and
+    E4M3 block scales stacked in shard order, one global scale, 1 / the largest stored
+    weight_global_scale; codes two per byte, the first in the low nibble, E2M1 with the sign
+    in bit 3 (nvfp4_emulation_utils.dequantize_to_dtype, which Marlin's repacking agrees with)."""
+    prefix, _, proj = name.rpartition(".")
+    shards = next((shards for shards in VLLM_FUSED.values() if proj in shards), (proj,))
+    parts = {part: [tensors[f"{prefix}.{s}.{part}"] for s in shards]
+             for part in ("weight_packed", "weight_scale", "weight_global_scale")}
+    packed, scale = torch.cat(parts["weight_packed"]), torch.cat(parts["weight_scale"]).float()
+    global_scale = 1 / torch.cat([g.reshape(1) for g in parts["weight_global_scale"]]).max()
+    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    values = torch.where(nibbles >= 8, -1.0, 1.0) * E2M1[(nibbles & 7).long()]
+    return (values.reshape(*scale.shape, 16) * (scale * global_scale).unsqueeze(-1)).flatten(-2)
+
+
+def exported_for_vllm(tmp_path: Path, tokenizer, arch: str, quant_type: str, checkpoint: Path | None = None,
+                      **overrides):
+    """(config, tensors, (out, in) of every linear layer by name) of the export of ``checkpoint``,
+    or of a new tiny student."""
     from safetensors.torch import load_file
 
-    checkpoint = make_student(tmp_path / "student", tokenizer, arch, quant_type, **overrides)
+    checkpoint = checkpoint or make_student(tmp_path / "student", tokenizer, arch, quant_type, **overrides)
     out = tmp_path / "export"
     assert export.main([str(checkpoint), "--format", "compressed-tensors", "--out", str(out)]) == 0
     linears = {name: (m.out_features, m.in_features) for name, m in student_of(checkpoint).named_modules()
@@ -485,6 +540,8 @@ def exported_for_vllm(tmp_path: Path, tokenizer, arch: str, quant_type: str, **o
 @pytest.mark.parametrize("arch, quant_type, overrides", [
     ("llama", "mxfp4", {}),
     ("qwen3", "mxfp4", {}),
+    ("llama", "nvfp4", {}),
+    ("qwen3", "nvfp4", {"act_quant": True}),
     ("llama", "int4_sym", {"intermediate_size": 384}),  # layers of groups 64 and 128 in one config group
     # groups of 256, which vLLM's W4A16 kernels do not take, stored as groups of 128
     ("qwen3", "int4_sym", {"group_size": 256, "hidden_size": 256, "head_dim": 64, "intermediate_size": 512}),
@@ -492,8 +549,31 @@ def exported_for_vllm(tmp_path: Path, tokenizer, arch: str, quant_type: str, **o
 def test_compressed_tensors_config_is_what_vllm_schemes_accept(tmp_path, embedded_tokenizer, arch, quant_type,
                                                                overrides):
     config, tensors, linears = exported_for_vllm(tmp_path, embedded_tokenizer, arch, quant_type, **overrides)
-    assert vllm_refusals(config, tensors, linears, quant_type) == []
+    assert vllm_refusals(config, tensors, linears, quant_type, overrides.get("act_quant", False)) == []
     assert config["quantization_config"]["ignore"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_vllm_builds_each_fused_nvfp4_layer_from_one_global_scale_into_the_students_weights(
+        tmp_path, embedded_tokenizer, act_quant):
+    # fused layers whose own tensor scales are 8 to 64 times apart, visible in their weights
+    from test_nvfp4 import group_quantized, spread_fused_amaxes
+
+    checkpoint = make_student(tmp_path / "student", embedded_tokenizer, "llama", "nvfp4", act_quant=act_quant)
+    spread_fused_amaxes(student_of(checkpoint)).save_pretrained(checkpoint)
+    config, tensors, linears = exported_for_vllm(tmp_path, embedded_tokenizer, "llama", "nvfp4", checkpoint=checkpoint)
+    assert vllm_refusals(config, tensors, linears, "nvfp4", act_quant) == []
+    student = student_of(checkpoint)
+    under_group_scale = group_quantized(student)  # asserts every layer but a group's largest has a scale of its own
+    grouped = {name: group for group in student.quant_settings.tensor_scale_groups for name in group}
+    for name, layer in export.quantized_layers(student):
+        shards = grouped.get(name, [name])
+        if name != shards[0]:
+            continue
+        weight = torch.cat([student.get_submodule(shard).quantized_weight() for shard in shards])
+        assert torch.equal(vllm_nvfp4_weight(tensors, name), weight), name
+        if len(shards) > 1:
+            assert torch.equal(weight, torch.cat([under_group_scale[shard] for shard in shards]))
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 100000.0},  # SmolLM2's base
@@ -524,8 +604,14 @@ def test_a_group_of_256_exports_as_groups_of_128_exactly(tmp_path, embedded_toke
 
 @pytest.fixture(scope="module")
 def vllm_exports(tmp_path_factory, embedded_tokenizer):
-    return {quant_type: exported_for_vllm(tmp_path_factory.mktemp(quant_type), embedded_tokenizer, "llama",
-                                          quant_type) for quant_type in ("mxfp4", "int4_sym")}
+    """Exports by kind: a quant type, "W4A4" after it where the inputs are quantized too."""
+    kinds = ("mxfp4", "int4_sym", "nvfp4 W4A4")
+    return {kind: exported_for_vllm(tmp_path_factory.mktemp(kind.replace(" ", "_")), embedded_tokenizer, "llama",
+                                    kind.split()[0], act_quant=kind.endswith("W4A4")) for kind in kinds}
+
+
+def refusals_of(kind: str, config: dict, tensors: dict, linears: dict) -> list[str]:
+    return vllm_refusals(config, tensors, linears, kind.split()[0], kind.endswith("W4A4"))
 
 
 def _q(config):
@@ -534,6 +620,10 @@ def _q(config):
 
 def _weights(config):
     return _q(config)["config_groups"]["group_0"]["weights"]
+
+
+def _inputs(config):
+    return _q(config)["config_groups"]["group_0"]["input_activations"]
 
 
 def _split_qkv(config):  # k_proj in a config group of its own, the same scheme
@@ -565,6 +655,11 @@ def _ignore_k(config):
     ("mxfp4", lambda c: _q(c).pop("config_groups"), "no config_groups"),
     ("mxfp4", lambda c: c.pop("rope_theta"), "transformers 4 takes its default rotary base"),
     ("mxfp4", lambda c: c.update(dtype="float16"), "config dtype float16"),
+    ("nvfp4 W4A4", lambda c: _weights(c).update(group_size=32), "not float groups of 16"),
+    ("nvfp4 W4A4", lambda c: _weights(c).update(strategy="group"), "not 4-bit static symmetric tensor_group-wise"),
+    ("nvfp4 W4A4", lambda c: _inputs(c).update(strategy="token"), "input_activations are not NVFP4"),
+    ("nvfp4 W4A4", lambda c: _inputs(c).update(scale_format="e4m3"), "input_activations keys ['scale_format']"),
+    ("nvfp4 W4A4", lambda c: _q(c).update(format="mxfp4-pack-quantized"), "format 'mxfp4-pack-quantized'"),
 ])
 def test_the_vllm_conditions_catch_what_vllm_refuses(vllm_exports, quant_type, breaks, reason):
     import copy
@@ -572,7 +667,7 @@ def test_the_vllm_conditions_catch_what_vllm_refuses(vllm_exports, quant_type, b
     config, tensors, linears = vllm_exports[quant_type]
     config = copy.deepcopy(config)
     breaks(config)
-    assert any(reason in line for line in vllm_refusals(config, tensors, linears, quant_type))
+    assert any(reason in line for line in refusals_of(quant_type, config, tensors, linears))
 
 
 @pytest.mark.parametrize("quant_type, breaks, reason", [
@@ -580,12 +675,23 @@ def test_the_vllm_conditions_catch_what_vllm_refuses(vllm_exports, quant_type, b
                                   t["model.layers.0.mlp.up_proj.weight_scale"].float()}), "torch.float32"),
     ("int4_sym", lambda t: t.pop("model.layers.0.mlp.up_proj.weight_shape"), "vLLM registers"),
     ("mxfp4", lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(1)}), "vLLM registers"),
+    ("nvfp4 W4A4", lambda t: t.update({"model.layers.1.mlp.up_proj.weight_scale":
+                                       t["model.layers.1.mlp.up_proj.weight_scale"].float()}), "torch.float32"),
+    ("nvfp4 W4A4", lambda t: t.pop("model.layers.0.self_attn.o_proj.input_global_scale"), "vLLM registers"),
+    ("nvfp4 W4A4", lambda t: t.update({"model.layers.0.self_attn.k_proj.weight_global_scale":
+                                       t["model.layers.0.self_attn.k_proj.weight_global_scale"] * 2}),
+     "model.layers.0.self_attn.qkv_proj: its shards' weight_global_scale differ"),
+    ("nvfp4 W4A4", lambda t: t.update({"model.layers.1.mlp.up_proj.input_global_scale":
+                                       t["model.layers.1.mlp.up_proj.input_global_scale"] / 2}),
+     "model.layers.1.mlp.gate_up_proj: its shards' input_global_scale differ"),
+    ("nvfp4 W4A4", lambda t: t.update({"model.layers.0.mlp.down_proj.weight_global_scale": torch.zeros(1)}),
+     "not a positive finite divisor"),
 ])
 def test_the_vllm_conditions_catch_tensors_vllm_cannot_load(vllm_exports, quant_type, breaks, reason):
     config, tensors, linears = vllm_exports[quant_type]
     tensors = dict(tensors)
     breaks(tensors)
-    assert any(reason in line for line in vllm_refusals(config, tensors, linears, quant_type))
+    assert any(reason in line for line in refusals_of(quant_type, config, tensors, linears))
 
 
 @pytest.mark.slow

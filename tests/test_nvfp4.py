@@ -371,3 +371,122 @@ def test_an_adapted_nvfp4_layer_takes_its_tensor_scale_from_the_merged_weights_o
     assert torch.equal(mlp.up_proj.quantized_weight(),
                        fake_quantize(merged[mlp.up_proj], "nvfp4", tensor_amax=amax))
     assert not torch.equal(mlp.up_proj.quantized_weight(), fake_quantize(mlp.up_proj.weight.detach(), "nvfp4"))
+
+
+# ---------------------------------------------------------------- the fused groups keep one tensor scale
+# A student whose fused layers' amaxes are far apart, so that each would have a tensor scale of
+# its own (8 to 64 times apart), and whose blocks span seven decades, so that the tensor scale a
+# layer quantizes with shows in its weights (its smallest blocks' E4M3 scales are subnormal, and
+# differ between the two). Each test fails if a layer of a group quantizes with its own scale.
+
+SPREAD_AMAXES = {"q_proj": 1.0, "k_proj": 64.0, "v_proj": 8.0, "gate_proj": 0.5, "up_proj": 4.0}
+
+
+def spread_fused_amaxes(model, seed=0):
+    """In place: every fused layer's weight random, its blocks' magnitudes log-uniform over
+    [1e-7, 1] of its largest, that largest ``SPREAD_AMAXES`` of its kind."""
+    with torch.no_grad():
+        for index, (name, layer) in enumerate(model.named_modules()):
+            kind = name.rpartition(".")[2]
+            if kind in SPREAD_AMAXES and isinstance(layer, nn.Linear):
+                w = spanning_magnitudes(*layer.weight.shape, seed=seed + index, low=1e-7, high=1.0)
+                layer.weight.copy_(w / w.abs().amax() * SPREAD_AMAXES[kind])
+    return model
+
+
+def spread_student(arch="llama", **kwargs):
+    model = tiny_model(arch)
+    quantize_model(model, "nvfp4", **kwargs)
+    return spread_fused_amaxes(model)
+
+
+def group_quantized(model) -> dict[str, torch.Tensor]:
+    """Each fused layer's latent weight quantized under its group's tensor scale (from the
+    largest magnitude of the group's latent weights), by name. Asserts the test can tell: in
+    every group, every layer but the largest quantizes differently under its own."""
+    expected = {}
+    for group in model.quant_settings.tensor_scale_groups:
+        latent = {name: model.get_submodule(name).latent_weight().detach() for name in group}
+        amax = max(w.abs().amax() for w in latent.values())
+        own = {name for name, w in latent.items()
+               if not torch.equal(fake_quantize(w, "nvfp4"), fake_quantize(w, "nvfp4", tensor_amax=amax))}
+        assert len(own) == len(group) - 1, (group, own)
+        expected.update({name: fake_quantize(w, "nvfp4", tensor_amax=amax) for name, w in latent.items()})
+    return expected
+
+
+def assert_forward_uses_group_scales(model, ids, dtype=torch.float32):
+    """A forward of ``model`` (in whatever cache the caller set up): every fused layer's output
+    is its (quantized, W4A4) input times its weight quantized under its group's tensor scale (in
+    ``dtype``, that of a rollout cache)."""
+    expected, seen = group_quantized(model), {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (args[0].detach(), output.detach())
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in expected]
+    try:
+        model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(seen) == sorted(expected)
+    for name, (x, out) in seen.items():
+        layer = model.get_submodule(name)
+        if layer.act_quant:  # W4A4: the layer quantizes its input first
+            x = quant.fake_quantize_activation(x, "nvfp4")
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+        assert torch.equal(out, F.linear(x.to(dtype), expected[name].to(dtype), bias).to(out.dtype)), name
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cache", ["none", "training step (reused_quant)", "rollout (frozen_quant)",
+                                   "bfloat16 rollout (frozen_quant)"])
+def test_every_fused_layer_computes_with_its_groups_tensor_scale(tiny, cache):
+    quantize_model(tiny, "nvfp4")
+    spread_fused_amaxes(tiny)
+    if cache == "none":
+        assert_forward_uses_group_scales(tiny.train(), IDS)
+    elif cache.startswith("training"):
+        with quant.reused_quant(tiny.train()):
+            assert_forward_uses_group_scales(tiny, IDS)
+            assert_forward_uses_group_scales(tiny, IDS)  # the second forward reuses the first's
+    else:
+        dtype = torch.bfloat16 if cache.startswith("bfloat16") else None
+        with torch.no_grad(), frozen_quant(tiny, dtype):
+            assert_forward_uses_group_scales(tiny, IDS, dtype or torch.float32)
+            assert_forward_uses_group_scales(tiny, IDS, dtype or torch.float32)  # from the cache
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_a_student_rebuilt_from_its_saved_config_keeps_the_groups_tensor_scales(tmp_path, act_quant):
+    # what students.load_student (eval.py, export.py) and train.py (--student-model) rebuild
+    from transformers import AutoModelForCausalLM
+
+    spread_student(act_quant=act_quant).save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    quantize_model_from_settings(reloaded, reloaded.config.fake_quant)
+    assert reloaded.quant_settings.act_quant == act_quant
+    assert_forward_uses_group_scales(reloaded, IDS)
+
+
+def test_with_adapters_a_group_takes_its_tensor_scale_from_the_merged_weights():
+    from lora import LoraSettings, add_lora
+
+    student = spread_student()
+    add_lora(student, LoraSettings(r=4, alpha=8.0))
+    attention = fused(student)[0]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # q's adapter makes q the group's largest: k and v take q's merged amax
+        q = attention.q_proj
+        q.lora_B.copy_(torch.randn(q.lora_B.shape, generator=generator))
+        q.lora_B.mul_(200 / (q.lora_scale * q.lora_B @ q.lora_A).abs().amax())
+    merged_amax = q.latent_weight().abs().amax()
+    assert nvfp4_tensor_scale(merged_amax) > nvfp4_tensor_scale(attention.k_proj.weight.abs().amax())
+    assert_forward_uses_group_scales(student, IDS)
+    with torch.no_grad(), frozen_quant(student):
+        assert_forward_uses_group_scales(student, IDS)

@@ -854,18 +854,49 @@ def test_fsdp2_on_two_processes_saves_resumes_and_evaluates_like_one_process(tmp
         torch.testing.assert_close(saved[k], t, rtol=1e-4, atol=1e-6)
 
 
+def fused_amaxes_apart_and_off_the_first_shard(tiny_checkpoint, path: Path) -> Path:
+    """The tiny model with one large weight in k_proj and up_proj among the rows FSDP2 gives
+    the second of two processes and a smaller one in v_proj among the first's: a fused
+    group's layers then have tensor scales of their own (q, v, k: 2^-15 or 2^-14, 2^-13,
+    2^-11; gate, up: 2^-15, 2^-12), and the group's largest magnitude on the first process's
+    shards is not the whole group's. Asserts both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant import nvfp4_tensor_scale, tensor_scale_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight[-1, 0] = 1.0
+            layer.self_attn.v_proj.weight[0, 0] = 0.25
+            layer.mlp.up_proj.weight[-1, 0] = 0.5
+    linears = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for group in tensor_scale_groups(linears):
+        own = [nvfp4_tensor_scale(linears[name].abs().amax()).item() for name in group]
+        assert len(set(own)) == len(group), (group, own)
+        first_shards = max(linears[name].chunk(2)[0].abs().amax() for name in group)  # fully_shard's dim-0 split
+        assert nvfp4_tensor_scale(first_shards) < max(own), group
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(path)
+    return path
+
+
 def test_an_nvfp4_student_sharded_by_fsdp2_trains_like_one_process(tmp_path, tiny_checkpoint, chat_dataset):
-    # a fused group's tensor scale reads its siblings' weights: they are unsharded with it
+    # A fused group's tensor scale reads its siblings' weights. FSDP2 gathers a decoder layer's
+    # weights whole before its forward (rollouts too: step 2 is on-policy), so each layer
+    # quantizes its whole weight under the whole group's scale, not one from its shard: this
+    # model's first shards would give another, which would clip the largest weights.
+    model = fused_amaxes_apart_and_off_the_first_shard(tiny_checkpoint, tmp_path / "model")
     common = ("--max-steps", "2", "--lmbda", "0.5", "--seed", "5")
     sharded, alone = tmp_path / "sharded", tmp_path / "alone"
     argv = {}
     for out in (sharded, alone):
-        argv[out] = tiny_args(tiny_checkpoint, chat_dataset, out, *common)
+        argv[out] = tiny_args(model, chat_dataset, out, *common)
         at = argv[out].index("--quant-type")
         argv[out][at:at + 4] = ["--quant-type", "nvfp4"]
     fsdp_train(*argv[sharded])
     assert train.main([*argv[alone], "--gradient-accumulation-steps", "2"]) == 0
-    assert [r["on_policy"] for r in metrics(sharded)] == [r["on_policy"] for r in metrics(alone)]
+    assert [r["on_policy"] for r in metrics(sharded)] == [r["on_policy"] for r in metrics(alone)] == [False, True]
     for a, b in zip(metrics(sharded), metrics(alone)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     saved, single = weights(sharded / "checkpoint-2"), weights(alone / "checkpoint-2")
