@@ -14,6 +14,11 @@ computes with (``quant.fake_quantize``):
 * the result is returned as the student's latent weight, one that ``fake_quantize`` maps
   to GPTQ's values, so the start is an ordinary student: it trains, checkpoints, resumes,
   evaluates and exports unchanged. MXFP4 values are a fixed point of every scale rule.
+  NVFP4's tensor scale comes from the amax of the whole tensor (of its fused group), which
+  GPTQ's updates would move: it is fixed first from the unquantized weights, each block's
+  E4M3 scale too, and each block's largest weight keeps code +-6 (what rounding gives it
+  wherever the block scale is a normal E4M3 number), so the GPTQ'd tensor's amax maps back
+  to the same scales (activation order only).
   An INT4 grid is defined by its group's extremes, so the group's largest and smallest
   weights keep the extreme codes (GPTQ's error feedback absorbs what that costs) and the
   latent places them where rounding reproduces the group's scale.
@@ -34,10 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import BadInput
-from quant import FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, fake_quantize, frozen_quant
+from quant import (E2M1_MAX, FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, _nv_quantize, fake_quantize, frozen_quant,
+                   nvfp4_tensor_scale)
 
 log = logging.getLogger("gptq")
 
+GPTQ_QUANT_TYPES = ("mxfp4", "nvfp4", "int4", "int4_sym")
+# NVFP4's grids (its tensor scale) must be fixed before any update: activation order, latents at the values
+FIXED_GRID_TYPES = ("nvfp4",)
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's)
 BLOCK_SIZE = 128  # columns whose updates are applied lazily together (the GPTQ paper's)
 
@@ -51,19 +60,27 @@ class GroupGrid:
     ``latent(values)`` the weights that ``fake_quantize`` maps to the group's values.
     """
 
-    def __init__(self, group: torch.Tensor, quant_type: str, scale_rule: str):
-        if quant_type not in ("mxfp4", "int4", "int4_sym"):
-            # an NVFP4 grid depends on the whole tensor's amax, which GPTQ's updates move
-            raise BadInput(f"--init gptq has no {quant_type} grid (mxfp4, int4, int4_sym)")
+    def __init__(self, group: torch.Tensor, quant_type: str, scale_rule: str, tensor_amax: torch.Tensor | None = None):
+        if quant_type not in GPTQ_QUANT_TYPES:
+            raise BadInput(f"--init gptq has no {quant_type} grid ({', '.join(GPTQ_QUANT_TYPES)})")
         self.quant_type = quant_type
         if quant_type == "mxfp4":
             _, exponent = _mx_quantize(group.float(), scale_rule)
             self.scale = _exp2(exponent).reshape(group.shape[0]).to(group.dtype)
             return
-        # INT4 codes 0..15 that the group's extremes keep (NaN: no pin), so that the
-        # quantized group has the extremes its scale was computed from.
+        # The codes that each group's extremes keep (NaN: no pin), so that the quantized
+        # group has the extremes its scale was computed from: INT4 codes 0..15, NVFP4's +-6.
         self.pinned = torch.full_like(group, float("nan"))
         rows = torch.arange(group.shape[0], device=group.device)
+        if quant_type == "nvfp4":
+            # tensor_amax: the tensor's (fused group's) amax before GPTQ, which fixes its scale
+            tensor_scale = nvfp4_tensor_scale(group.abs().amax() if tensor_amax is None else tensor_amax)
+            _, block_scale = _nv_quantize(group.float(), tensor_scale)
+            self.scale = (block_scale * tensor_scale).reshape(group.shape[0]).to(group.dtype)
+            where = group.abs().argmax(1)
+            extreme = torch.where(group[rows, where] > 0, E2M1_MAX, -E2M1_MAX).to(group.dtype)
+            self.pinned[rows, where] = torch.where(group[rows, where] != 0, extreme, float("nan"))
+            return
         if quant_type == "int4_sym":
             amax = group.abs().amax(1)
             self.amax = torch.where(amax == 0, torch.ones_like(amax), amax)
@@ -90,6 +107,10 @@ class GroupGrid:
     def quantize(self, column: torch.Tensor, j: int) -> torch.Tensor:
         if self.quant_type == "mxfp4":
             return _e2m1_round((column / self.scale).float()).to(column.dtype) * self.scale
+        if self.quant_type == "nvfp4":
+            pinned = self.pinned[:, j]
+            values = _e2m1_round((column / self.scale).float()).to(column.dtype)
+            return torch.where(pinned.isnan(), values, pinned) * self.scale
         zero = 0.0 if self.quant_type == "int4_sym" else self.low + 8 * self.scale
         return (self.codes(column, j) - 8) * self.scale + zero
 
@@ -107,7 +128,8 @@ class GroupGrid:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quant_type: str, group_size: int,
                   scale_rule: str = "floor", damping: float = DAMPING, block_size: int = BLOCK_SIZE,
-                  actorder: bool = True, unrounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  actorder: bool = True, unrounded: bool = False,
+                  tensor_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one weight [out, in] given H = sum of x x^T over its calibration inputs [in, in].
 
     Returns (latent, values): GPTQ's quantized values and the latent weight (``weight``'s
@@ -122,11 +144,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quant_type: str, 
     values under the student's own rule; elsewhere, and without it, the values themselves.
     A latent on a grid point needs half a code step of updates before straight-through
     training can change its code; the unrounded one keeps how close GPTQ's decision was.
+    ``tensor_amax`` (nvfp4): the amax its tensor scale comes from (a fused group's), taken
+    before GPTQ; by default the weight's own, its dead columns zeroed.
     """
     w = weight.detach().clone()
     rows, columns = w.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"Hessian of shape {list(hessian.shape)} for a weight with {columns} input columns")
+    if quant_type in FIXED_GRID_TYPES and (unrounded or not actorder):
+        raise BadInput(f"--init gptq with {quant_type}: its grids are fixed before GPTQ (the tensor scale), so it "
+                       f"runs in activation order with the latent at GPTQ's values (drop --no-gptq-actorder and "
+                       f"--gptq-latent unrounded)")
     with _one_cpu_thread(w.device):
         h = hessian.double()
         dead = h.diagonal() == 0
@@ -134,7 +162,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quant_type: str, 
         groups = columns // group_size
         if actorder:
             order = torch.argsort(h.diagonal(), descending=True, stable=True)
-            grids = [GroupGrid(w[:, g * group_size:(g + 1) * group_size], quant_type, scale_rule) for g in range(groups)]
+            if quant_type in FIXED_GRID_TYPES and tensor_amax is None:
+                tensor_amax = w.abs().amax()
+            grids = [GroupGrid(w[:, g * group_size:(g + 1) * group_size], quant_type, scale_rule, tensor_amax)
+                     for g in range(groups)]
             h = h[order][:, order]
         else:
             order = torch.arange(columns, device=w.device)
@@ -289,16 +320,31 @@ def apply_gptq(model: nn.Module, batches: list[dict], damping: float = DAMPING,
         for index, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, FakeQuantLinear)]
             hessians = _layer_hessians(layer, linears, inputs, masks)
+            tensor_amax = {m: _live_tensor_amax(m, hessians) for m in linears}  # before any of them moves
             for linear in linears:
                 linear.weight.copy_(gptq_quantize(linear.weight, hessians[linear], linear.quant_type,
                                                   linear.group_size, linear.scale_rule, damping, block_size,
-                                                  actorder, unrounded)[0])
+                                                  actorder, unrounded, tensor_amax[linear])[0])
             with frozen_quant(layer):  # quantize each weight once, not once a batch
                 for i, (hidden, args, kwargs) in enumerate(inputs):  # in place: one copy of the set
                     inputs[i] = (_output(layer(hidden.to(device), *args, **kwargs)).cpu(), args, kwargs)
             log.info("gptq: decoder layer %d of %d (%.0f s)", index + 1, len(layers), time.perf_counter() - started)
     model.train(was_training)
     return {"layers": len(quantized), "calibration_tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+def _live_tensor_amax(linear: FakeQuantLinear, hessians: dict) -> torch.Tensor | None:
+    """nvfp4: the amax of the layer and its fused group (``fused_with``) as GPTQ sees them,
+    the columns no calibration input reached (zeroed by GPTQ) left out; None otherwise."""
+    if linear.quant_type not in FIXED_GRID_TYPES:
+        return None
+    amaxes = []
+    for m in (linear, *linear.fused_with):
+        if m not in hessians:
+            raise BadInput("--init gptq: a layer shares its nvfp4 tensor scale with a layer of another decoder layer")
+        live = hessians[m].diagonal() != 0
+        amaxes.append(m.weight.detach()[:, live].abs().amax().float() if live.any() else m.weight.new_zeros((), dtype=torch.float32))
+    return torch.stack(amaxes).amax()
 
 
 def _layer_hessians(layer, linears, inputs, masks) -> dict:

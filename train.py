@@ -200,9 +200,9 @@ def validate(c: TrainConfig) -> None:
         raise BadInput(f"--max-steps must be >= 0 (0: save the start as checkpoint-0), got {c.max_steps}")
     if c.init == "gptq" and c.quant_type == "none":
         raise BadInput("--init gptq quantizes the student's start; it needs a --quant-type other than none")
-    if c.init == "gptq" and c.quant_type == "nvfp4":
-        raise BadInput("--init gptq has no nvfp4 grid (its tensor scale moves with GPTQ's updates); start nvfp4 "
-                       "from round-to-nearest (--init rtn) or use mxfp4, int4 or int4_sym")
+    if c.init == "gptq" and c.quant_type == "nvfp4" and (c.gptq_latent != "values" or not c.gptq_actorder):
+        raise BadInput("--init gptq with nvfp4 fixes its grids (the tensor scale) before GPTQ: it runs in activation "
+                       "order with the latent at GPTQ's values; drop --no-gptq-actorder and --gptq-latent unrounded")
     if c.act_quant and c.learn_scales:
         raise BadInput("--act-quant with --learn-scales: activations are quantized in MXFP4 and NVFP4, learned scales "
                        "are INT4's; use one of them")

@@ -12,7 +12,9 @@ from gptq import GroupGrid, apply_gptq, gptq_quantize
 from quant import FakeQuantLinear, fake_quantize, quantize_model
 
 FORMATS = [("mxfp4", 32, "floor"), ("mxfp4", 32, "mse"), ("mxfp4", 32, "rceil"), ("int4_sym", 64, "floor"),
-           ("int4", 64, "floor"), ("int4", 32, "floor")]
+           ("int4", 64, "floor"), ("int4", 32, "floor"), ("nvfp4", 16, "floor")]
+# the formats whose GPTQ also runs in natural order and with an unrounded latent (nvfp4 fixes its grids first)
+FREE_GRID_FORMATS = [f for f in FORMATS if f[0] != "nvfp4"]
 
 
 def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
@@ -36,7 +38,8 @@ def reference_gptq(weight, hessian, quant_type, group_size, scale_rule, actorder
     w[:, dead] = 0
     h.diagonal().add_(damping * h.diagonal().mean())
     h_inv = torch.linalg.inv(h)
-    grids = {g: GroupGrid(w[:, g:g + group_size].float(), quant_type, scale_rule)
+    tensor_amax = w.abs().amax().float()  # nvfp4's tensor scale, from the weights GPTQ starts from
+    grids = {g: GroupGrid(w[:, g:g + group_size].float(), quant_type, scale_rule, tensor_amax)
              for g in range(0, w.shape[1], group_size)} if actorder else {}
     values = torch.empty_like(w)
     for column in order.tolist():
@@ -52,8 +55,8 @@ def reference_gptq(weight, hessian, quant_type, group_size, scale_rule, actorder
     return values
 
 
-@pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
-@pytest.mark.parametrize("actorder", [True, False])
+@pytest.mark.parametrize("quant_type,group_size,scale_rule,actorder",
+                         [(*f, True) for f in FORMATS] + [(*f, False) for f in FREE_GRID_FORMATS])
 def test_gptq_equals_a_float64_reference_of_the_update(quant_type, group_size, scale_rule, actorder):
     torch.manual_seed(0)
     weight = torch.randn(24, 256) * 0.05
@@ -86,7 +89,30 @@ def test_the_latent_weight_fake_quantizes_to_gptq_values(quant_type, group_size,
         assert torch.equal(values[:, 5], torch.zeros(32))
 
 
-@pytest.mark.parametrize("quant_type,group_size,scale_rule", FORMATS)
+def test_an_nvfp4_latent_keeps_its_scales_where_the_largest_block_scale_rounds_down_to_224():
+    """amax / 6 / t = 230 rounds to the E4M3 scale 224, so the GPTQ'd tensor's amax, 6 x 224 x t,
+    halves the tensor scale: every block scale doubles exactly and the values stay GPTQ's."""
+    torch.manual_seed(8)
+    weight = torch.randn(16, 64) * 100
+    weight[3, 7] = 6 * 230.0  # t = 1
+    x = correlated_inputs(300, 64, seed=9)
+    latent, values = gptq_quantize(weight, x.T @ x, "nvfp4", 16)
+    assert latent.abs().amax() == 6 * 224.0
+    assert torch.equal(fake_quantize(latent, "nvfp4"), values)
+
+
+def test_nvfp4_blocks_keep_their_largest_weight_at_code_6_even_with_a_subnormal_scale():
+    """Round-to-nearest can give a block whose E4M3 scale is subnormal a largest code below 6
+    (then its own values requantize to another scale); GPTQ's grid keeps it at +-6."""
+    group = torch.zeros(2, 16)
+    group[0, 0] = 6 * 1.5 * 2.0 ** -9  # scale 1.5 x 2^-9 rounds (half to even) to 2^-8: the weight is 4.5 codes
+    group[1, 0] = -6.0 * 448  # sets the tensor scale to 1
+    grid = GroupGrid(group, "nvfp4", "floor")
+    assert fake_quantize(group, "nvfp4")[0, 0] == 4 * 2.0 ** -8
+    assert grid.quantize(group[:, 0], 0).tolist() == [6 * 2.0 ** -8, -6.0 * 448]
+
+
+@pytest.mark.parametrize("quant_type,group_size,scale_rule", FREE_GRID_FORMATS)
 @pytest.mark.parametrize("magnitude", [1e-3, 1e3])
 def test_an_unrounded_latent_gives_the_same_student_and_keeps_gptqs_margins(quant_type, group_size, scale_rule,
                                                                             magnitude):
@@ -114,7 +140,7 @@ def test_each_group_grid_is_the_student_quantizer_grid(quant_type, group_size, s
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("quant_type,group_size", [("mxfp4", 32), ("int4", 32)])
+@pytest.mark.parametrize("quant_type,group_size", [("mxfp4", 32), ("int4", 32), ("nvfp4", 16)])
 def test_gptq_errs_less_than_rounding_on_every_layer_of_a_model(arch, quant_type, group_size):
     from conftest import tiny_model
 
@@ -147,11 +173,15 @@ def test_gptq_errs_less_than_rounding_on_every_layer_of_a_model(arch, quant_type
     for name, x in inputs.items():
         exact = x @ teacher.get_submodule(name).weight.T
 
-        def error(layer):
-            return (x @ fake_quantize(layer.weight, quant_type, group_size).T - exact).square().sum()
+        def error(layer):  # the layer's own quantized weight: nvfp4's with its fused group's tensor scale
+            with torch.no_grad():
+                return (x @ layer.quantized_weight().T - exact).square().sum()
 
         assert isinstance(gptq_layers[name], FakeQuantLinear)
         assert error(gptq_layers[name]) < error(rtn_layers[name]), name
+        if quant_type != "int4":  # the latent is GPTQ's values, which the student computes with exactly
+            with torch.no_grad():
+                assert torch.equal(gptq_layers[name].quantized_weight(), gptq_layers[name].weight), name
 
 
 # ---------------------------------------------------------------- train.py --init gptq
@@ -191,6 +221,27 @@ def test_max_steps_zero_saves_the_gptq_start_as_a_student_that_beats_rounding(tm
     assert torch.equal(saved[name], layer.weight)
     assert torch.equal(fake_quantize(saved[name], "mxfp4", 32, "mse"), saved[name])  # on the grid already
     assert not torch.equal(saved[name], fake_quantize(teacher[name], "mxfp4", 32, "mse"))  # not rounding
+
+
+def test_an_nvfp4_gptq_start_beats_rounding_and_is_saved_on_its_shared_scale_grids(tmp_path, tiny_checkpoint,
+                                                                                     chat_dataset):
+    from students import load_student
+
+    def nvfp4_args(out, *extra):
+        argv = gptq_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "0", "--eval-steps", "1", *extra)
+        at = argv.index("--group-size")
+        return argv[:at] + argv[at + 2:] + ["--quant-type", "nvfp4"]
+
+    out, rtn = tmp_path / "gptq", tmp_path / "rtn"
+    assert train.main(nvfp4_args(out)) == 0
+    assert train.main(nvfp4_args(rtn, "--init", "rtn")) == 0
+    kl = {run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["heldout_kl"] for run in (out, rtn)}
+    assert kl[out] < kl[rtn]
+    student = load_student(out / "checkpoint-0")[0]  # as eval.py and export.py rebuild it
+    layers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
+    assert layers and any(m.fused_with for m in layers)
+    with torch.no_grad():  # each latent weight is what the student computes with, its fused group's scale included
+        assert all(torch.equal(m.quantized_weight(), m.weight) for m in layers)
 
 
 def test_an_unrounded_gptq_start_is_the_same_student_with_latent_weights_off_the_grid(tmp_path, tiny_checkpoint,

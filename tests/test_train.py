@@ -61,7 +61,8 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--quant-type", "int4_sym", "--scale-rule", "mse"], "--scale-rule mse chooses MXFP4 block exponents"),
     (["--quant-type", "nvfp4", "--scale-rule", "rceil"], "--scale-rule rceil chooses MXFP4 block exponents; nvfp4 "
                                                          "has no such choice"),
-    (["--quant-type", "nvfp4", "--init", "gptq"], "--init gptq has no nvfp4 grid"),
+    (["--quant-type", "nvfp4", "--init", "gptq", "--no-gptq-actorder"], "--init gptq with nvfp4 fixes its grids"),
+    (["--quant-type", "nvfp4", "--init", "gptq", "--gptq-latent", "unrounded"], "--init gptq with nvfp4 fixes its grids"),
     (["--quant-type", "nvfp4", "--learn-scales"], "--learn-scales trains INT4 group scales; nvfp4 has none to learn"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
