@@ -215,12 +215,7 @@ def _mx_quantize_mse(xb: torch.Tensor, floor_exponent: torch.Tensor):
     squares is within 2^-18 of the exact one relative (plus 2^-120 absolute for underflowed
     squares), far inside the margin, and an Inf or NaN sum is never taken as decided. An
     accelerator sums every block in float64: picking out the few would wait on the host."""
-    finite = floor_exponent != E8M0_NAN - E8M0_BIAS
-    exponents = [torch.where(finite, (floor_exponent + shift).clamp(-E8M0_BIAS, E8M0_BIAS), floor_exponent)
-                 for shift in (0, 1, -1)]
-    values = [_e2m1_round(xb * _exp2(-exponent)) for exponent in exponents]
-    residuals = [xb - v * _exp2(exponent) for v, exponent in zip(values, exponents)]
-    errors = torch.cat([(r * r).sum(-1, keepdim=True) for r in residuals], -1)  # [..., blocks, 3]
+    values, exponents, residuals, errors = _mse_candidates(xb, floor_exponent)
     if xb.device.type in _SCREENED_DEVICES:
         lowest, second = errors.topk(2, -1, largest=False).values.unbind(-1)
         choice = errors.argmin(-1, keepdim=True)
@@ -232,6 +227,19 @@ def _mx_quantize_mse(xb: torch.Tensor, floor_exponent: torch.Tensor):
     best_values = torch.where(choice == 0, values[0], torch.where(choice == 1, values[1], values[2]))
     best_exponent = torch.where(choice == 0, exponents[0], torch.where(choice == 1, exponents[1], exponents[2]))
     return best_values, best_exponent
+
+
+def _mse_candidates(xb: torch.Tensor, floor_exponent: torch.Tensor):
+    """The mse rule's three candidates (exponent floor, floor + 1, floor - 1): their E2M1
+    values, exponents and residuals (lists of three), and float32 squared errors [..., 3].
+    Elementwise passes only (``bench/bench_quant_compile.py`` compiles them)."""
+    finite = floor_exponent != E8M0_NAN - E8M0_BIAS
+    exponents = [torch.where(finite, (floor_exponent + shift).clamp(-E8M0_BIAS, E8M0_BIAS), floor_exponent)
+                 for shift in (0, 1, -1)]
+    values = [_e2m1_round(xb * _exp2(-exponent)) for exponent in exponents]
+    residuals = [xb - v * _exp2(exponent) for v, exponent in zip(values, exponents)]
+    errors = torch.cat([(r * r).sum(-1, keepdim=True) for r in residuals], -1)  # [..., blocks, 3]
+    return values, exponents, residuals, errors
 
 
 def _least_error_float64(residuals: list[torch.Tensor]) -> torch.Tensor:
