@@ -15,10 +15,13 @@ computes with (``quant.fake_quantize``):
   to GPTQ's values, so the start is an ordinary student: it trains, checkpoints, resumes,
   evaluates and exports unchanged. MXFP4 values are a fixed point of every scale rule.
   NVFP4's tensor scale comes from the amax of the whole tensor (of its fused group), which
-  GPTQ's updates would move: it is fixed first from the unquantized weights, each block's
-  E4M3 scale too, and each block's largest weight keeps code +-6 (what rounding gives it
-  wherever the block scale is a normal E4M3 number), so the GPTQ'd tensor's amax maps back
-  to the same scales (activation order only).
+  GPTQ's updates would move: it is fixed first from the unquantized weights (the columns no
+  calibration input reached left out), each block's E4M3 scale too, each block's largest
+  weight keeps code +-6 (what rounding gives it wherever the block scale is a normal E4M3
+  number) and an all-zero block stays zero, so the GPTQ'd tensor's amax maps back to the
+  same block scales times the same tensor scale, or (where the largest block scale rounded
+  to 224) to twice the block scales times half the tensor scale: the same values
+  (activation order only).
   An INT4 grid is defined by its group's extremes, so the group's largest and smallest
   weights keep the extreme codes (GPTQ's error feedback absorbs what that costs) and the
   latent places them where rounding reproduces the group's scale.
@@ -73,13 +76,17 @@ class GroupGrid:
         self.pinned = torch.full_like(group, float("nan"))
         rows = torch.arange(group.shape[0], device=group.device)
         if quant_type == "nvfp4":
-            # tensor_amax: the tensor's (fused group's) amax before GPTQ, which fixes its scale
+            # tensor_amax: the tensor's (fused group's) amax before GPTQ, which fixes its scale;
+            # None: the group's own, as if it were the whole tensor
             tensor_scale = nvfp4_tensor_scale(group.abs().amax() if tensor_amax is None else tensor_amax)
             _, block_scale = _nv_quantize(group.float(), tensor_scale)
             self.scale = (block_scale * tensor_scale).reshape(group.shape[0]).to(group.dtype)
             where = group.abs().argmax(1)
             extreme = torch.where(group[rows, where] > 0, E2M1_MAX, -E2M1_MAX).to(group.dtype)
-            self.pinned[rows, where] = torch.where(group[rows, where] != 0, extreme, float("nan"))
+            self.pinned[rows, where] = extreme
+            # an all-zero block's grid holds only 0: with codes its clamped scale would double
+            # where the tensor scale halves (see gptq_quantize)
+            self.pinned[group.abs().amax(1) == 0] = 0.0
             return
         if quant_type == "int4_sym":
             amax = group.abs().amax(1)
@@ -343,7 +350,8 @@ def _live_tensor_amax(linear: FakeQuantLinear, hessians: dict) -> torch.Tensor |
         if m not in hessians:
             raise BadInput("--init gptq: a layer shares its nvfp4 tensor scale with a layer of another decoder layer")
         live = hessians[m].diagonal() != 0
-        amaxes.append(m.weight.detach()[:, live].abs().amax().float() if live.any() else m.weight.new_zeros((), dtype=torch.float32))
+        weight = m.weight.detach()[:, live]
+        amaxes.append(weight.abs().amax().float() if live.any() else torch.zeros((), device=weight.device))
     return torch.stack(amaxes).amax()
 
 

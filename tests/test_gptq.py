@@ -101,6 +101,21 @@ def test_an_nvfp4_latent_keeps_its_scales_where_the_largest_block_scale_rounds_d
     assert torch.equal(fake_quantize(latent, "nvfp4"), values)
 
 
+def test_an_all_zero_nvfp4_block_stays_zero_where_the_tensor_scale_halves():
+    """A zero block's scale clamps at 2^-9: given codes by GPTQ's updates, they would double
+    when the tensor scale halves (its scale stays clamped) and saturate at 6."""
+    torch.manual_seed(10)
+    t = 2.0 ** -12
+    weight = torch.randn(64, 64) * (t * 2.0 ** -9 * torch.logspace(0, 2, 64))[:, None]  # near the smallest scale
+    weight[:, :16] = 0  # a live all-zero block in every row
+    weight[0] = 0
+    weight[0, 20] = 6 * 230.0 * t  # the largest block scale rounds to 224: the student's tensor scale halves
+    x = correlated_inputs(400, 64, seed=11)
+    latent, values = gptq_quantize(weight, x.T @ x, "nvfp4", 16)
+    assert torch.equal(values[:, :16], torch.zeros(64, 16))
+    assert torch.equal(fake_quantize(latent, "nvfp4"), values)
+
+
 def test_nvfp4_blocks_keep_their_largest_weight_at_code_6_even_with_a_subnormal_scale():
     """Round-to-nearest can give a block whose E4M3 scale is subnormal a largest code below 6
     (then its own values requantize to another scale); GPTQ's grid keeps it at +-6."""
