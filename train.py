@@ -68,6 +68,8 @@ class TrainConfig:
     gptq_actorder: bool = True  # --init gptq: columns by decreasing Hessian diagonal, grids fixed first (off: natural order)
     learn_scales: bool = False  # int4 / int4_sym: train each group's scale (LSQ), initialised from the start
     learning_rate: float = 1e-4  # the Qwen3-4B presets set their own
+    quantized_lr: float | None = None  # the quantized layers' parameters (latent weights, learned scales, adapters)
+    # at their own peak rate; the rest (norms, embedding, head) at learning_rate. None: all at learning_rate
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -188,7 +190,9 @@ def validate(c: TrainConfig) -> None:
     if c.scale_rule not in (None, "floor") and c.quant_type != "mxfp4":
         raise BadInput(f"--scale-rule {c.scale_rule} chooses MXFP4 block exponents; {c.quant_type} has no such "
                        f"choice (drop the flag)")
-    for name in ("temperature", "loss_temperature", "learning_rate"):
+    if c.quantized_lr is not None and c.quant_type == "none":
+        raise BadInput("--quantized-lr sets the quantized layers' rate; --quant-type none has none (drop the flag)")
+    for name in ("temperature", "loss_temperature", "learning_rate") + (("quantized_lr",) if c.quantized_lr is not None else ()):
         if not getattr(c, name) > 0:
             raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
     if c.resume and c.overwrite:
@@ -349,6 +353,27 @@ def prepare_student(student, c: TrainConfig) -> None:
 GPTQ_BATCH_SIZE = 8  # calibration sequences per forward
 
 
+def parameter_groups(student, c: TrainConfig) -> list[dict]:
+    """AdamW's groups: weight decay on matrices only (not on learned scales); with
+    --quantized-lr the quantized layers' parameters in groups of their own rate, after the
+    rest's (the first group's rate is the one logged)."""
+    from quant import FakeQuantLinear, is_learned_statistic
+
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # with LoRA: the adapters
+    parts = [(trained, c.learning_rate)]
+    if c.quantized_lr is not None:
+        quantized = {id(p) for m in student.modules() if isinstance(m, FakeQuantLinear) for p in m.parameters()}
+        parts = [([(n, p) for n, p in trained if id(p) not in quantized], c.learning_rate),
+                 ([(n, p) for n, p in trained if id(p) in quantized], c.quantized_lr)]
+    groups = []
+    for named, lr in parts:
+        groups += [{"params": [p for n, p in named if p.dim() >= 2 and not is_learned_statistic(n)],
+                    "weight_decay": c.weight_decay, "lr": lr},
+                   {"params": [p for n, p in named if p.dim() < 2 or is_learned_statistic(n)],
+                    "weight_decay": 0.0, "lr": lr}]
+    return groups
+
+
 def gptq_start(student, tokenizer, records, c: TrainConfig, accelerator) -> None:
     """In place: the student's latent weights from GPTQ onto its own grids (gptq.py),
     calibrated on ``--init-samples`` of the dataset's prompts with their completions.
@@ -430,7 +455,7 @@ def set_up(c: TrainConfig) -> Run:
     from data import LENGTH_GROUP_WINDOW_STEPS, examples_in_use_order, group_by_length, load_records
     from heldout import heldout_examples
     from losses import DistillationLoss
-    from quant import is_learned_statistic, learn_scales
+    from quant import learn_scales
 
     if c.mixed_precision == "bf16" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise BadInput("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
@@ -475,11 +500,7 @@ def set_up(c: TrainConfig) -> Run:
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # BadInput is a ValueError too
         raise BadInput(str(e)) from None
 
-    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # with LoRA: the adapters
-    decay = [p for n, p in trained if p.dim() >= 2 and not is_learned_statistic(n)]
-    no_decay = [p for n, p in trained if p.dim() < 2 or is_learned_statistic(n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=c.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(student, c), lr=c.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * c.max_steps), c.max_steps)
     # The scheduler stays outside prepare(): accelerate would step it once per process.
     student, optimizer = accelerator.prepare(student, optimizer)

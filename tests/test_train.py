@@ -77,6 +77,8 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--act-quant", "--quant-type", "none"], "--quant-type none has no 4-bit activation format"),
     (["--act-quant", "--quant-type", "int4_sym", "--learn-scales"], "--act-quant with --learn-scales"),
     (["--act-quant", "--learn-scales"], "--act-quant with --learn-scales"),
+    (["--quantized-lr", "0"], "--quantized-lr must be > 0, got 0.0"),
+    (["--quant-type", "none", "--quantized-lr", "1e-3"], "--quantized-lr sets the quantized layers' rate"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -209,6 +211,20 @@ def test_off_policy_run_writes_metrics_and_a_rebuildable_checkpoint(tmp_path, ti
     teacher = weights(tiny_checkpoint)
     trained = weights(checkpoint)
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_quantized_lr_moves_the_quantized_layers_at_their_own_rate_and_the_rest_at_learning_rate(
+        tmp_path, tiny_checkpoint, chat_dataset):
+    # a rate far below float32's resolution of the weights leaves the quantized layers bit for bit
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0",
+                                "--quantized-lr", "1e-30")) == 0
+    teacher, trained = weights(tiny_checkpoint), weights(out / "checkpoint-2")
+    quantized = [n for n in trained if n.startswith("model.layers.") and n.endswith("_proj.weight")]
+    assert quantized and all(torch.equal(trained[n], teacher[n]) for n in quantized)
+    assert not torch.equal(trained["model.norm.weight"], teacher["model.norm.weight"])
+    assert not torch.equal(trained["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    assert metrics(out)[0]["learning_rate"] > 1e-6  # the logged rate is --learning-rate's
 
 
 def test_on_policy_run_trains_on_student_generations(tmp_path, tiny_checkpoint, chat_dataset):
