@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import BadInput
-from quant import (E2M1_MAX, FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, _nv_quantize, fake_quantize, frozen_quant,
-                   nvfp4_tensor_scale)
+from quant import (E2M1_MAX, FakeQuantLinear, _e2m1_round, _exp2, _mx_quantize, _nv_quantize, fake_quantize,
+                   frozen_quant, nvfp4_tensor_scale)
 
 log = logging.getLogger("gptq")
 
@@ -63,7 +63,8 @@ class GroupGrid:
     ``latent(values)`` the weights that ``fake_quantize`` maps to the group's values.
     """
 
-    def __init__(self, group: torch.Tensor, quant_type: str, scale_rule: str, tensor_amax: torch.Tensor | None = None):
+    def __init__(self, group: torch.Tensor, quant_type: str, scale_rule: str,
+                 tensor_amax: torch.Tensor | None = None):
         if quant_type not in GPTQ_QUANT_TYPES:
             raise BadInput(f"--init gptq has no {quant_type} grid ({', '.join(GPTQ_QUANT_TYPES)})")
         self.quant_type = quant_type

@@ -192,7 +192,9 @@ def validate(c: TrainConfig) -> None:
                        f"choice (drop the flag)")
     if c.quantized_lr is not None and c.quant_type == "none":
         raise BadInput("--quantized-lr sets the quantized layers' rate; --quant-type none has none (drop the flag)")
-    for name in ("temperature", "loss_temperature", "learning_rate") + (("quantized_lr",) if c.quantized_lr is not None else ()):
+    positive = ["temperature", "loss_temperature", "learning_rate"]
+    positive += ["quantized_lr"] if c.quantized_lr is not None else []
+    for name in positive:
         if not getattr(c, name) > 0:
             raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(c, name)}")
     if c.resume and c.overwrite:
