@@ -70,6 +70,8 @@ class TrainConfig:
     learning_rate: float = 1e-4  # the Qwen3-4B presets set their own
     quantized_lr: float | None = None  # the quantized layers' parameters (latent weights, learned scales, adapters)
     # at their own peak rate; the rest (norms, embedding, head) at learning_rate. None: all at learning_rate
+    freeze_quantized: bool = False  # the quantized layers keep the start's 4-bit weights (GPTQ's or round-to-nearest's),
+    # quantized once; only the unquantized parameters train (norms, embedding, head, biases)
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -218,6 +220,17 @@ def validate(c: TrainConfig) -> None:
     if c.learn_scales and c.quant_type not in ("int4", "int4_sym"):
         raise BadInput(f"--learn-scales trains INT4 group scales; {c.quant_type} has none to learn (MXFP4 and NVFP4 "
                        f"scales are re-chosen from the weights at every step)")
+    if c.freeze_quantized and c.quant_type == "none":
+        raise BadInput("--freeze-quantized keeps the quantized layers as they start; --quant-type none has none "
+                       "(drop the flag)")
+    for flag, on in (("--lora-r", c.lora_r), ("--learn-scales", c.learn_scales),
+                     ("--quantized-lr", c.quantized_lr is not None)):
+        if c.freeze_quantized and on:
+            raise BadInput(f"--freeze-quantized keeps the quantized layers as they start; {flag} trains them: "
+                           f"use one of the two")
+    if c.quantized_lr is not None and c.lora_r:
+        raise BadInput("--quantized-lr with --lora-r: only the adapters train, all at one rate; set it with "
+                       "--learning-rate")
     if c.learn_scales and c.lora_r:
         raise BadInput("--learn-scales with --lora-r: the adapters' checkpoints would not hold the learned scales; "
                        "use one of them")
@@ -350,6 +363,14 @@ def prepare_student(student, c: TrainConfig) -> None:
         record_settings(student, dataclasses.replace(student.quant_settings, lora=settings.to_dict()))
         log.info("student: rank-%d adapters in %d layers (scale %g), every other weight frozen", settings.r, count,
                  settings.scale)
+    if c.freeze_quantized:
+        from quant import FakeQuantLinear
+
+        layers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
+        for layer in layers:
+            layer.weight.requires_grad_(False)
+        log.info("student: %d quantized layers frozen at their start; the norms, embedding, head and biases train",
+                 len(layers))
 
 
 GPTQ_BATCH_SIZE = 8  # calibration sequences per forward
@@ -357,14 +378,15 @@ GPTQ_BATCH_SIZE = 8  # calibration sequences per forward
 
 def parameter_groups(student, c: TrainConfig) -> list[dict]:
     """AdamW's groups: weight decay on matrices only (not on learned scales); with
-    --quantized-lr the quantized layers' parameters in groups of their own rate, after the
-    rest's (the first group's rate is the one logged)."""
+    --quantized-lr the quantized layers' parameters (not their unquantized biases) in groups
+    of their own rate, after the rest's (the first group's rate is --learning-rate's)."""
     from quant import FakeQuantLinear, is_learned_statistic
 
     trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # with LoRA: the adapters
     parts = [(trained, c.learning_rate)]
     if c.quantized_lr is not None:
-        quantized = {id(p) for m in student.modules() if isinstance(m, FakeQuantLinear) for p in m.parameters()}
+        quantized = {id(p) for m in student.modules() if isinstance(m, FakeQuantLinear)
+                     for name, p in m.named_parameters() if name != "bias"}
         parts = [([(n, p) for n, p in trained if id(p) not in quantized], c.learning_rate),
                  ([(n, p) for n, p in trained if id(p) in quantized], c.quantized_lr)]
     groups = []
@@ -467,6 +489,12 @@ def set_up(c: TrainConfig) -> Run:
             os.environ.get("FSDP_VERSION", "1") != "2":
         raise BadInput("--learn-scales under FSDP 1: it replaces the layers' parameters with flat views, so the "
                        "learned scales would not train; use FSDP 2 (fsdp_version: 2, as configs/accelerate_fsdp.yaml)")
+    if (c.freeze_quantized or c.quantized_lr is not None) and \
+            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
+        flag = "--freeze-quantized" if c.freeze_quantized else "--quantized-lr"
+        raise BadInput(f"{flag} under FSDP 1: its flat parameters hold a block's quantized and unquantized weights "
+                       f"together, so they cannot train apart; use FSDP 2 (fsdp_version: 2, as "
+                       f"configs/accelerate_fsdp.yaml)")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
     if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's
         raise BadInput(f"the launcher's mixed_precision is {launcher_precision} (accelerate config or "
@@ -612,8 +640,9 @@ def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, di
     # The weights change only at the optimizer step: several micro-batches reuse one
     # quantization. One micro-batch gains nothing and would hold every quantized weight to
     # the end of its backward; gradient checkpointing exists not to hold them all at once;
-    # FSDP gathers each layer's weight anew for every forward.
-    reuse = len(batches) > 1 and not (run.c.gradient_checkpointing or
+    # FSDP gathers each layer's weight anew for every forward. Frozen layers may hold theirs
+    # for the whole run (holds_quantization).
+    reuse = len(batches) > 1 and not (run.c.freeze_quantized or run.c.gradient_checkpointing or
                                       accelerator.distributed_type == DistributedType.FSDP)
     with reused_quant(run.student_model) if reuse else nullcontext():
         for i, batch in enumerate(batches):
@@ -627,6 +656,16 @@ def backward(run: Run, batches: list[dict], num_items) -> tuple[torch.Tensor, di
                 timings["student_forward_backward_s"] += time.perf_counter() - started - run.loss.teacher_seconds
             total += loss.detach()
     return accelerator.reduce(total, "sum") / world, timings
+
+
+def holds_quantization(run: Run) -> bool:
+    """--freeze-quantized: the quantized weights never change, so each layer quantizes once
+    for the whole run; not under FSDP (each forward gathers the weight anew) nor gradient
+    checkpointing (the held weights are the memory it exists to free)."""
+    from accelerate.utils import DistributedType
+
+    return run.c.freeze_quantized and not (run.c.gradient_checkpointing or
+                                           run.accelerator.distributed_type == DistributedType.FSDP)
 
 
 def clip_gradients(run: Run) -> float:
@@ -694,6 +733,7 @@ def train(c: TrainConfig) -> int:
     from tqdm import tqdm
 
     import checkpoints
+    from quant import frozen_quant
 
     run = set_up(c)
     accelerator, totals, out = run.accelerator, run.totals, Path(c.output_dir)
@@ -710,7 +750,7 @@ def train(c: TrainConfig) -> int:
                     desc="distill")
     step, steps_this_run, nonfinite_in_a_row = run.start_step, 0, 0
     try:
-        with StopSignals() as signals:
+        with StopSignals() as signals, frozen_quant(run.student_model) if holds_quantization(run) else nullcontext():
             if c.eval_steps and step == 0:  # the curve starts at round-to-nearest
                 record({"step": 0, "train_s": 0.0, "tokens_generated": 0, **heldout_kl(run)})
                 log.info("step 0: held-out KL %.4f", totals["heldout_kl_step0"])
@@ -742,7 +782,9 @@ def train(c: TrainConfig) -> int:
                 totals["tokens_generated"] += int(sampled)
                 totals["on_policy_steps"] += on_policy
                 metrics = {"step": step, "loss": loss.item(), "grad_norm": grad_norm,
-                           "learning_rate": run.scheduler.get_last_lr()[0], "on_policy": on_policy,
+                           "learning_rate": run.scheduler.get_last_lr()[0],
+                           **({"quantized_learning_rate": run.scheduler.get_last_lr()[2]}
+                              if c.quantized_lr is not None else {}), "on_policy": on_policy,
                            "on_policy_fraction": totals["on_policy_steps"] / step,
                            "on_policy_steps": totals["on_policy_steps"],
                            "completion_tokens": int(num_items), "tokens_per_s": int(num_items) / elapsed,

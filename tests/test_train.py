@@ -79,6 +79,12 @@ def test_flags_take_dash_and_underscore_spellings_and_override_the_config_file(t
     (["--act-quant", "--learn-scales"], "--act-quant with --learn-scales"),
     (["--quantized-lr", "0"], "--quantized-lr must be > 0, got 0.0"),
     (["--quant-type", "none", "--quantized-lr", "1e-3"], "--quantized-lr sets the quantized layers' rate"),
+    (["--quant-type", "none", "--freeze-quantized"], "--freeze-quantized keeps the quantized layers as they start; "
+                                                     "--quant-type none has none"),
+    (["--freeze-quantized", "--lora-r", "4"], "--lora-r trains them: use one of the two"),
+    (["--quantized-lr", "1e-3", "--lora-r", "4"], "--quantized-lr with --lora-r: only the adapters train"),
+    (["--freeze-quantized", "--quant-type", "int4", "--learn-scales"], "--learn-scales trains them"),
+    (["--freeze-quantized", "--quantized-lr", "1e-3"], "--quantized-lr trains them"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     output_dir = tmp_path / "run"
@@ -213,18 +219,48 @@ def test_off_policy_run_writes_metrics_and_a_rebuildable_checkpoint(tmp_path, ti
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("rest, quantized", [("1e-3", "1e-30"), ("1e-30", "1e-3")])
 def test_quantized_lr_moves_the_quantized_layers_at_their_own_rate_and_the_rest_at_learning_rate(
-        tmp_path, tiny_checkpoint, chat_dataset):
-    # a rate far below float32's resolution of the weights leaves the quantized layers bit for bit
+        tmp_path, tiny_checkpoint, chat_dataset, rest, quantized):
+    # a rate far below float32's resolution of the weights leaves those weights bit for bit
     out = tmp_path / "run"
-    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0",
-                                "--quantized-lr", "1e-30")) == 0
+    argv = tiny_args(tiny_checkpoint, chat_dataset, out, "--max-steps", "2", "--lmbda", "0", "--quantized-lr", quantized)
+    argv[argv.index("--learning-rate") + 1] = rest
+    assert train.main(argv) == 0
     teacher, trained = weights(tiny_checkpoint), weights(out / "checkpoint-2")
-    quantized = [n for n in trained if n.startswith("model.layers.") and n.endswith("_proj.weight")]
-    assert quantized and all(torch.equal(trained[n], teacher[n]) for n in quantized)
-    assert not torch.equal(trained["model.norm.weight"], teacher["model.norm.weight"])
-    assert not torch.equal(trained["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
-    assert metrics(out)[0]["learning_rate"] > 1e-6  # the logged rate is --learning-rate's
+    layers = [n for n in trained if n.startswith("model.layers.") and n.endswith("_proj.weight")]
+    rest_names = ["model.norm.weight", "model.layers.0.input_layernorm.weight"]  # (a tied zero row moves 1e-30)
+    frozen, moved = (layers, rest_names) if quantized == "1e-30" else (rest_names, layers)
+    assert all(torch.equal(trained[n], teacher[n]) for n in frozen)
+    assert layers and all(not torch.equal(trained[n], teacher[n]) for n in moved)
+    logged = metrics(out)[0]  # the rates of the next step, past the one-step warm-up: the peaks, each logged
+    assert (logged["learning_rate"], logged["quantized_learning_rate"]) == pytest.approx((float(rest), float(quantized)))
+
+
+def test_freeze_quantized_trains_the_rest_around_layers_quantized_once(tmp_path, tiny_checkpoint, chat_dataset,
+                                                                      monkeypatch):
+    from quant import FakeQuantLinear
+
+    real, quantized = FakeQuantLinear._quantize, []
+
+    def counted(layer, latent):
+        quantized.append(layer)
+        return real(layer, latent)
+
+    monkeypatch.setattr(FakeQuantLinear, "_quantize", counted)
+    frozen, plain = tmp_path / "frozen", tmp_path / "plain"
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, frozen, "--max-steps", "3", "--lmbda", "0",
+                                "--gradient-accumulation-steps", "2", "--freeze-quantized")) == 0
+    layers = [n for n in weights(tiny_checkpoint) if n.startswith("model.layers.") and n.endswith("_proj.weight")]
+    assert len(quantized) == len(set(quantized)) == len(layers)  # once each, for 3 steps of 2 micro-batches
+    start, trained = weights(tiny_checkpoint), weights(frozen / "checkpoint-3")
+    assert all(torch.equal(trained[n], start[n]) for n in layers)
+    assert not torch.equal(trained["model.norm.weight"], start["model.norm.weight"])
+    assert not torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    # the held quantization computes what quantizing at every forward does: the first step's loss
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, plain, "--max-steps", "1", "--lmbda", "0",
+                                "--gradient-accumulation-steps", "2")) == 0
+    assert metrics(frozen)[0]["loss"] == metrics(plain)[0]["loss"]
 
 
 def test_on_policy_run_trains_on_student_generations(tmp_path, tiny_checkpoint, chat_dataset):
@@ -640,8 +676,10 @@ def test_every_process_joins_the_collectives_of_a_save_and_only_the_main_one_wri
     assert not list(tmp_path.iterdir())
 
 
-def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, tiny_checkpoint, chat_dataset):
-    common = tiny_args(tiny_checkpoint, chat_dataset, "OUT", "--max-steps", "3", "--lmbda", "0.5", "--seed", "5")
+@pytest.mark.parametrize("flags", [[], ["--freeze-quantized", "--eval-steps", "1"]], ids=["all", "frozen"])
+def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, tiny_checkpoint, chat_dataset, flags):
+    common = tiny_args(tiny_checkpoint, chat_dataset, "OUT", "--max-steps", "3", "--lmbda", "0.5", "--seed", "5",
+                       *flags)
     # On a machine without GPUs, accelerate's multi-process launcher runs gloo CPU processes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
@@ -649,7 +687,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, t
         args = [a if a != "OUT" else str(output_dir) for a in common]
         subprocess.run([*launcher, str(ROOT / "train.py"), *args, *extra], check=True, env=env, cwd=ROOT,
                        capture_output=True)
-        return [r["loss"] for r in metrics(output_dir)]
+        return [r["loss"] for r in metrics(output_dir) if r["step"]]
 
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -1024,14 +1062,15 @@ def test_group_by_length_changes_which_examples_share_a_step_and_a_longer_run_re
     assert losses["short"] != losses["as drawn"]
 
 
-def test_learned_scales_under_fsdp_1_are_refused_before_anything_is_written(tmp_path, tiny_checkpoint, chat_dataset,
-                                                                           monkeypatch, capsys):
+@pytest.mark.parametrize("flags", [["--learn-scales"], ["--freeze-quantized"], ["--quantized-lr", "1e-3"]])
+def test_parameters_trained_apart_under_fsdp_1_are_refused_before_anything_is_written(
+        tmp_path, tiny_checkpoint, chat_dataset, monkeypatch, capsys, flags):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     out = tmp_path / "run"
-    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--quant-type", "int4_sym", "--learn-scales")) == 2
+    assert train.main(tiny_args(tiny_checkpoint, chat_dataset, out, "--quant-type", "int4_sym", *flags)) == 2
     err = capsys.readouterr().err.strip()
-    assert "--learn-scales under FSDP 1" in err and len(err.splitlines()) == 1
+    assert f"{flags[0]} under FSDP 1" in err and len(err.splitlines()) == 1
     assert not out.exists()
 
 
