@@ -14,12 +14,15 @@ rest:
   ``+ bf16 teacher``: also ``--teacher-dtype bfloat16``;
 * ``micro-batch 8`` and ``micro-batch 2``: other batch sizes (grouped, float32);
 * ``... once a step``: the step's forwards reuse one quantization of the weights
-  (``quant.reused_quant``, as train.py's step does) instead of quantizing at every forward.
+  (``quant.reused_quant``, as train.py's step does) instead of quantizing at every forward;
+* ``... + frozen``: ``--freeze-quantized``: the quantized layers' weights frozen and
+  quantized once for all steps (``quant.frozen_quant``), the backward computes no weight
+  gradients for them, AdamW steps the unquantized parameters only.
 
 Tokens are real (non-padding) tokens of prompt + completion; the loss scores the
 completion tokens. The bound: FLOPs per token from the models' shapes (6 per linear
-parameter for the student's forward and backward, 2 for the teacher's forward, the head
-included, attention left out) over a float32 and a bfloat16 GEMM rate measured in the same
+parameter for the student's forward and backward, 4 where the weights are frozen, 2 for
+the teacher's forward, the head included, attention left out) over a float32 and a bfloat16 GEMM rate measured in the same
 run on the embedded model's MLP shape.
 
     uv run python bench/bench_throughput.py [--steps 6] [--out results/bench/throughput.json]
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import build_batch, examples_in_use_order, group_by_length, load_records  # noqa: E402
 from losses import DistillationLoss  # noqa: E402
 from models import load_model  # noqa: E402
-from quant import FakeQuantLinear, quantize_model, reused_quant  # noqa: E402
+from quant import FakeQuantLinear, frozen_quant, quantize_model, reused_quant  # noqa: E402
 
 DATASET = Path(__file__).resolve().parent.parent / "assets" / "instructions" / "train_large.jsonl"
 MAX_LENGTH = 512
@@ -72,10 +75,13 @@ def one_hour_models():
     return teacher, student, tokenizer
 
 
-def trainable_copy(student, bf16: bool):
+def trainable_copy(student, bf16: bool, frozen: bool = False):
     """A fresh trainable copy of ``student``; with ``bf16`` its forward autocast to bfloat16
-    as accelerate's mixed_precision="bf16" does to the prepared student."""
+    as accelerate's mixed_precision="bf16" does to the prepared student; ``frozen``: its
+    quantized layers' weights not trained (``--freeze-quantized``)."""
     student = copy.deepcopy(student).train().requires_grad_(True)
+    for layer in (m for m in student.modules() if isinstance(m, FakeQuantLinear)) if frozen else ():
+        layer.weight.requires_grad_(False)
     if bf16:
         from accelerate.utils import convert_outputs_to_fp32
 
@@ -84,9 +90,18 @@ def trainable_copy(student, bf16: bool):
 
 
 def run_variant(teacher, student_start, tokenizer, examples, micro_batch: int, step_examples: int, bf16: bool,
-                steps: int, reuse: bool = False) -> dict:
-    student = trainable_copy(student_start, bf16)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+                steps: int, reuse: str | None = None) -> dict:
+    """``reuse``: None (quantize at every forward), "step" (once a step) or "frozen" (once)."""
+    student = trainable_copy(student_start, bf16, frozen=reuse == "frozen")
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    held = frozen_quant(student) if reuse == "frozen" else contextlib.nullcontext()
+    with held:
+        return measured_steps(student, optimizer, teacher, tokenizer, examples, micro_batch, step_examples, steps,
+                              reuse == "step")
+
+
+def measured_steps(student, optimizer, teacher, tokenizer, examples, micro_batch: int, step_examples: int,
+                   steps: int, reuse_a_step: bool) -> dict:
     loss_fn = DistillationLoss(student, teacher, beta=0.0, vocab_size=len(tokenizer))
     records = []
     for step in range(steps + 1):
@@ -97,7 +112,7 @@ def run_variant(teacher, student_start, tokenizer, examples, micro_batch: int, s
         loss_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         timing = {"teacher_s": 0.0, "student_s": 0.0}
         started = time.perf_counter()
-        with reused_quant(student) if reuse else contextlib.nullcontext():
+        with reused_quant(student) if reuse_a_step else contextlib.nullcontext():
             for batch in batches:
                 begun = time.perf_counter()
                 loss = loss_fn(batch, loss_tokens)
@@ -143,7 +158,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--variants", default="as drawn,grouped,grouped once a step,bf16,bf16 grouped,"
                                                 "bf16 grouped + bf16 teacher,micro-batch 8,micro-batch 2,"
-                                                "micro-batch 2 once a step")
+                                                "micro-batch 2 once a step,grouped + frozen,"
+                                                "bf16 grouped + bf16 teacher + frozen")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -154,17 +170,20 @@ def main() -> None:
     drawn = examples_in_use_order(load_records(str(DATASET)), tokenizer, MAX_LENGTH, count, args.seed)
     grouped = group_by_length(drawn, step_examples, count, args.seed)
     teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
-    # name: (examples, micro-batch, bf16, teacher, once a step)
-    variants = {"as drawn": (drawn, args.batch_size, False, teacher, False),
-                "grouped": (grouped, args.batch_size, False, teacher, False),
-                "grouped once a step": (grouped, args.batch_size, False, teacher, True),
-                "bf16": (drawn, args.batch_size, True, teacher, False),
-                "bf16 grouped": (grouped, args.batch_size, True, teacher, False),
-                "bf16 grouped + bf16 teacher": (grouped, args.batch_size, True, teacher_bf16, False),
-                "micro-batch 8": (grouped, 8, False, teacher, False),
-                "micro-batch 2": (grouped, 2, False, teacher, False),
-                "micro-batch 2 once a step": (grouped, 2, False, teacher, True)}
+    # name: (examples, micro-batch, bf16, teacher, reuse)
+    variants = {"as drawn": (drawn, args.batch_size, False, teacher, None),
+                "grouped": (grouped, args.batch_size, False, teacher, None),
+                "grouped once a step": (grouped, args.batch_size, False, teacher, "step"),
+                "bf16": (drawn, args.batch_size, True, teacher, None),
+                "bf16 grouped": (grouped, args.batch_size, True, teacher, None),
+                "bf16 grouped + bf16 teacher": (grouped, args.batch_size, True, teacher_bf16, None),
+                "micro-batch 8": (grouped, 8, False, teacher, None),
+                "micro-batch 2": (grouped, 2, False, teacher, None),
+                "micro-batch 2 once a step": (grouped, 2, False, teacher, "step"),
+                "grouped + frozen": (grouped, args.batch_size, False, teacher, "frozen"),
+                "bf16 grouped + bf16 teacher + frozen": (grouped, args.batch_size, True, teacher_bf16, "frozen")}
     n = linear_parameters(student)
+    frozen_n = sum(m.weight.numel() for m in student.modules() if isinstance(m, FakeQuantLinear))
     flops_per_token = 6 * n + 2 * n
     rates = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
     results = {"threads": torch.get_num_threads(), "steps": args.steps, "examples_per_step": step_examples,
@@ -180,7 +199,8 @@ def main() -> None:
         examples, micro_batch, bf16, variant_teacher, reuse = variants[name]
         r = run_variant(variant_teacher, student, tokenizer, examples, micro_batch, step_examples, bf16, args.steps,
                         reuse)
-        r["bound_fraction"] = r["tokens_per_s"] * flops_per_token / 1e9 / rates["bfloat16" if bf16 else "float32"]
+        flops = flops_per_token - (2 * frozen_n if reuse == "frozen" else 0)  # no weight gradients there
+        r["bound_fraction"] = r["tokens_per_s"] * flops / 1e9 / rates["bfloat16" if bf16 else "float32"]
         results["variants"][name] = r
         base = results["variants"].get("as drawn", r)["tokens_per_s"]
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | "
