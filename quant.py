@@ -644,11 +644,11 @@ class FakeQuantLinear(nn.Linear):
                                "weights; run it under torch.no_grad() or leave frozen_quant() first")
         latent = None if self._reuse == "frozen" else self.latent_weight()
         dtype = self._cache_dtype
-        if latent is not None and torch.is_autocast_enabled(latent.device.type):
+        if torch.is_autocast_enabled(self.weight.device.type):
             # what autocast would cast the weight to in every forward, held once: the cache
             # is then the very tensor the backward saves, not a float32 copy beside it
-            dtype = torch.get_autocast_dtype(latent.device.type)
-        key = (tuple((p._version, p.data_ptr()) for p in trained), dtype)
+            dtype = torch.get_autocast_dtype(self.weight.device.type)
+        key = (tuple((p._version, p.data_ptr()) for p in trained), dtype or self.weight.dtype)
         if self._cache is None or self._cache[0] != key:  # an optimizer step bumps the version
             with torch.no_grad():
                 quantized = self._quantize(self.latent_weight() if latent is None else latent.detach())
@@ -661,7 +661,8 @@ class FakeQuantLinear(nn.Linear):
         if self.act_quant:  # before any cast: the cache's dtype holds the quantized values exactly
             x = fake_quantize_activation(x, self.quant_type)
         weight = self.quantized_weight()
-        if weight.dtype != x.dtype and self._reuse == "frozen":  # a rollout cache in another dtype computes in it
+        # a rollout cache in another dtype computes in it (under autocast, autocast casts)
+        if weight.dtype != x.dtype and self._reuse == "frozen" and not torch.is_autocast_enabled(x.device.type):
             bias = None if self.bias is None else self.bias.to(weight.dtype)
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, self.bias)
@@ -826,8 +827,12 @@ def frozen_quant(model: nn.Module, dtype: torch.dtype | None = None):
     """Rollout cache: each layer quantizes its weight once and reuses it for every forward.
 
     For generation and evaluation, which rerun the forward many times on unchanged
-    weights. A forward with gradients enabled inside raises (it would train nothing), and
-    an in-place weight update (optimizer step) invalidates that layer's cache.
+    weights, and for training whose quantized layers are frozen (``--freeze-quantized``).
+    A forward with gradients enabled inside raises where the latent weights would train
+    (it would train nothing), and an in-place weight update (optimizer step) invalidates
+    that layer's cache. Nested in another ``frozen_quant`` it starts from the outer cache
+    (used where its dtype matches) and leaves it as it was, or its own where the outer one
+    had none. Under autocast the cache holds autocast's dtype.
 
     ``dtype`` (e.g. bfloat16): the cache holds the quantized weights in it and those layers
     compute in it (input cast to it, output cast back), so decoding reads half the bytes.
@@ -860,10 +865,14 @@ def reused_quant(model: nn.Module):
 def _reusing(model: nn.Module, reuse: str, dtype: torch.dtype | None = None):
     layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
     outer = [(layer._reuse, layer._cache, layer._cache_dtype) for layer in layers]
-    for layer in layers:
-        layer._reuse, layer._cache, layer._cache_dtype = reuse, None, dtype
+    for layer in layers:  # a frozen cache inside a frozen one starts from it (its key still decides)
+        cache = layer._cache if reuse == layer._reuse == "frozen" else None
+        layer._reuse, layer._cache, layer._cache_dtype = reuse, cache, dtype
     try:
         yield model
-    finally:  # a nested use (a rollout inside a step's cache) leaves the outer one as it was
-        for layer, state in zip(layers, outer):
-            layer._reuse, layer._cache, layer._cache_dtype = state
+    finally:  # a nested use (a rollout inside a step's cache) leaves the outer one as it was,
+        # except that a frozen one's first quantization serves an empty frozen outer one too
+        for layer, (outer_reuse, outer_cache, outer_dtype) in zip(layers, outer):
+            if reuse == outer_reuse == "frozen" and outer_cache is None:
+                outer_cache = layer._cache  # its key still decides whether it is used
+            layer._reuse, layer._cache, layer._cache_dtype = outer_reuse, outer_cache, outer_dtype

@@ -68,8 +68,8 @@ class TrainConfig:
     gptq_actorder: bool = True  # --init gptq: columns by decreasing Hessian diagonal, grids fixed first (off: natural order)
     learn_scales: bool = False  # int4 / int4_sym: train each group's scale (LSQ), initialised from the start
     learning_rate: float = 1e-4  # the Qwen3-4B presets set their own
-    quantized_lr: float | None = None  # the quantized layers' parameters (latent weights, learned scales, adapters)
-    # at their own peak rate; the rest (norms, embedding, head) at learning_rate. None: all at learning_rate
+    quantized_lr: float | None = None  # the quantized layers' parameters (latent weights, learned scales) at their
+    # own peak rate; the rest (norms, embedding, head, biases) at learning_rate. None: all at learning_rate
     freeze_quantized: bool = False  # the quantized layers keep the start's 4-bit weights (GPTQ's or round-to-nearest's),
     # quantized once; only the unquantized parameters train (norms, embedding, head, biases)
     max_steps: int = 100  # 0: only the start, saved as checkpoint-0 (e.g. the GPTQ model, to evaluate or export)
@@ -367,8 +367,9 @@ def prepare_student(student, c: TrainConfig) -> None:
         from quant import FakeQuantLinear
 
         layers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
-        for layer in layers:
-            layer.weight.requires_grad_(False)
+        for layer in layers:  # the weight and a saved student's learned scales: what the 4-bit weight is made of
+            for name, parameter in layer.named_parameters(recurse=False):
+                parameter.requires_grad_(name == "bias")
         log.info("student: %d quantized layers frozen at their start; the norms, embedding, head and biases train",
                  len(layers))
 

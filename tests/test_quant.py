@@ -450,6 +450,31 @@ def test_reused_quant_under_autocast_holds_what_autocast_computes_with_and_gives
     assert all(got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]) for name in expected)
 
 
+def test_frozen_layers_train_the_rest_under_a_held_frozen_cache_as_without_it_under_autocast(tiny, monkeypatch):
+    # --freeze-quantized: the quantized weights frozen, one quantization held for every step,
+    # in autocast's dtype; a nested cache (a rollout's, an evaluation's) starts from it
+    quantize_model(tiny, "mxfp4", 32)
+    tiny.train()
+    for layer in (m for m in tiny.modules() if isinstance(m, FakeQuantLinear)):
+        layer.weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(5)
+    micro_batches = [torch.randint(0, 128, (2, 9), generator=g) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = accumulated_gradients(tiny, micro_batches, cache=False)
+        calls = []
+        real = quant.fake_quantize
+        monkeypatch.setattr(quant, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with frozen_quant(tiny):
+            got = accumulated_gradients(tiny, micro_batches, cache=False)
+            with torch.no_grad(), frozen_quant(tiny):
+                tiny(micro_batches[0])
+            assert tiny.model.layers[0].mlp.up_proj._cache[1].dtype == torch.bfloat16
+    assert len(calls) == 14  # once per layer
+    assert got.keys() == expected.keys() and "model.norm.weight" in got
+    assert not any(name.endswith("_proj.weight") for name in got)
+    assert all(got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]) for name in expected)
+
+
 def test_reused_quant_requantizes_after_an_optimizer_step_and_outlives_a_nested_rollout_cache(tiny, monkeypatch):
     quantize_model(tiny, "mxfp4")
     ids = torch.randint(0, 128, (1, 6))
