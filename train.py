@@ -486,15 +486,14 @@ def set_up(c: TrainConfig) -> Run:
         raise BadInput("--mixed-precision bf16 under FSDP: accelerate's FSDP bf16 casts the sharded latent weights "
                        "themselves, so the quantizer would train on bf16-rounded weights and the checkpoint would hold "
                        "another function; run FSDP with --mixed-precision no (mixed_precision: 'no' in its config)")
-    if c.learn_scales and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
-            os.environ.get("FSDP_VERSION", "1") != "2":
-        raise BadInput("--learn-scales under FSDP 1: it replaces the layers' parameters with flat views, so the "
-                       "learned scales would not train; use FSDP 2 (fsdp_version: 2, as configs/accelerate_fsdp.yaml)")
-    if (c.freeze_quantized or c.quantized_lr is not None) and \
-            os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "1") != "2":
-        flag = "--freeze-quantized" if c.freeze_quantized else "--quantized-lr"
-        raise BadInput(f"{flag} under FSDP 1: its flat parameters hold a block's quantized and unquantized weights "
-                       f"together, so they cannot train apart; use FSDP 2 (fsdp_version: 2, as "
+    fsdp_1 = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+        os.environ.get("FSDP_VERSION", "1") != "2"
+    # FSDP 1 flattens a wrapped block's parameters into one: what trains apart cannot
+    apart = [flag for flag, on in (("--learn-scales", c.learn_scales), ("--freeze-quantized", c.freeze_quantized),
+                                   ("--quantized-lr", c.quantized_lr is not None)) if on]
+    if fsdp_1 and apart:
+        raise BadInput(f"{apart[0]} under FSDP 1: its flat parameters hold a block's quantized and unquantized "
+                       f"weights together, so they cannot train apart; use FSDP 2 (fsdp_version: 2, as "
                        f"configs/accelerate_fsdp.yaml)")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", c.mixed_precision)
     if launcher_precision != c.mixed_precision:  # accelerate would silently take train.py's

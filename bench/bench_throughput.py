@@ -22,8 +22,8 @@ rest:
 Tokens are real (non-padding) tokens of prompt + completion; the loss scores the
 completion tokens. The bound: FLOPs per token from the models' shapes (6 per linear
 parameter for the student's forward and backward, 4 where the weights are frozen, 2 for
-the teacher's forward, the head included, attention left out) over a float32 and a bfloat16 GEMM rate measured in the same
-run on the embedded model's MLP shape.
+the teacher's forward, the head included, attention left out) over a float32 and a
+bfloat16 GEMM rate measured in the same run on the embedded model's MLP shape.
 
     uv run python bench/bench_throughput.py [--steps 6] [--out results/bench/throughput.json]
 """
