@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from pathlib import Path
 
 from errors import BadInput
@@ -40,6 +41,30 @@ def paired_comparison(a: list[float], b: list[float], seed: int = 0, resamples: 
     tail = sum(math.comb(discordant, k) for k in range(min(a_only, b_only) + 1)) / 2**discordant if discordant else 1.0
     return {"diff": scale * sum(diffs) / n, "ci_low": scale * low, "ci_high": scale * high,
             "p_value": min(1.0, 2 * tail), "n": n, "a_only": a_only, "b_only": b_only}
+
+
+def welch_comparison(a: list[float], b: list[float], scale: float = 1.0) -> dict:
+    """B - A between two independent groups (the seeds of two settings): the difference of the
+    means times ``scale``, Welch's 95% CI (Welch-Satterthwaite degrees of freedom: the groups'
+    variances need not be equal) and its two-sided p-value."""
+    from scipy.stats import t as student_t
+
+    if len(a) < 2 or len(b) < 2:
+        raise BadInput(f"a comparison over seeds needs at least 2 runs of each setting, not {len(a)} and {len(b)}: "
+                       "run more seeds (sweep.py --seeds)")
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    share_a, share_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(share_a + share_b)
+    if se == 0.0:  # identical runs within each group: the difference is exact
+        low = high = diff
+        p_value = 1.0 if diff == 0.0 else 0.0
+    else:
+        df = (share_a + share_b) ** 2 / (share_a**2 / (len(a) - 1) + share_b**2 / (len(b) - 1))
+        half = student_t.ppf(0.975, df) * se
+        low, high = diff - half, diff + half
+        p_value = float(2 * student_t.sf(abs(diff) / se, df))
+    return {"diff": scale * diff, "ci_low": scale * low, "ci_high": scale * high, "p_value": p_value,
+            "n": f"{len(a)}+{len(b)}"}
 
 
 def verdict(name_a: str, name_b: str, stats: dict, alpha: float = 0.05, unit: str = "points", digits: int = 2,

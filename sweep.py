@@ -3,6 +3,7 @@
     uv run python sweep.py --grid lmbda=0,0.5,1 beta=0,0.5,1 learning_rate=1e-5,1e-4 --seeds 3 -- --max-steps 50
     uv run python sweep.py --grid lmbda=0,1 --dry-run --launcher "accelerate launch --num_processes 8" -- ...
     uv run python sweep.py --summarize dump/sweep/results
+    uv run python sweep.py --summarize dump/sweep/results --compare lmbda=0 lmbda=1
 
 Every run is ``train.py [flags after --] --KEY VALUE ... --seed S --output_dir ROOT/NAME``
 with NAME built from the swept values and the seed (``lmbda0.5_beta0_lr1e-05_seed42``). All
@@ -13,7 +14,8 @@ run (teacher and ptq rows come from eval.py's cache after the first).
 
 Each run leaves ``RESULTS/NAME.json`` (small: settings, learning curve, final metrics,
 evaluation, commands): commit them, and ``--summarize RESULTS`` rebuilds the summary
-(``summary.md``, ``summary.json``, plots) from them alone, on any machine.
+(``summary.md``, ``summary.json``, plots) from them alone, on any machine; with
+``--compare A B`` it also tests setting B against setting A over their seeds (Welch's CI).
 """
 
 from __future__ import annotations
@@ -305,13 +307,28 @@ def _format(value: float | None, spread: float | None, kind: str) -> str:
     return text if spread_text is None else f"{text} ± {spread_text}"
 
 
-def summarize(results: list[dict]) -> tuple[str, list[dict]]:
-    """One line per setting (all values but the seed): each metric as mean ± sample standard
-    deviation over its seeds; the benchmark average with its standard error where one seed."""
-    swept = list(dict.fromkeys(k for r in results for k in r["values"] if k != "seed"))  # grid order
+def group_by_setting(results: list[dict]) -> tuple[list[str], dict[tuple, list[dict]]]:
+    """The swept keys (grid order) and the runs of each setting (its values but the seed; a key
+    that a run was not swept over is None)."""
+    swept = list(dict.fromkeys(k for r in results for k in r["values"] if k != "seed"))
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault(tuple(r["values"].get(k) for k in swept), []).append(r)
+    return swept, groups
+
+
+def bucket_means(result: dict, metric: str) -> dict[str, float]:
+    """A run's exposure-bias curve (eval.py --embedded): the mean over prompts of ``metric``
+    ("kl" or "teacher_nll") in each position bucket; empty without one."""
+    curve = ((result.get("eval") or {}).get("rows", {}).get("student") or {}).get("exposure") or {}
+    return {bucket: stats["mean"] for bucket, stats in curve.get(metric, {}).items() if stats["mean"] is not None}
+
+
+def summarize(results: list[dict]) -> tuple[str, list[dict]]:
+    """One line per setting (all values but the seed): each metric as mean ± sample standard
+    deviation over its seeds; the benchmark average with its standard error where one seed.
+    Where the runs have exposure-bias curves, a second table gives them the same way."""
+    swept, groups = group_by_setting(results)
     columns = [("held-out KL", "heldout_kl", "plain"), ("KL gap closed", "heldout_kl_gap_closed", "percent"),
                ("teacher NLL of student", "teacher_nll_of_student", "plain"),
                ("NLL gap closed", "teacher_nll_gap_closed", "percent"), ("ppl", "ppl", "plain"),
@@ -339,7 +356,94 @@ def summarize(results: list[dict]) -> tuple[str, list[dict]]:
         table.append(entry)
     notes = ["", "Each cell: mean ± sample standard deviation over seeds (bench avg of a single seed: ± its "
                  "standard error). Gap closed: (run - ptq) / (teacher - ptq); held-out KL's teacher value is 0."]
-    return "\n".join(lines + notes), table
+    return "\n".join(lines + notes + exposure_table(swept, groups, table)), table
+
+
+def exposure_table(swept: list[str], groups: dict[tuple, list[dict]], table: list[dict]) -> list[str]:
+    """Each setting's exposure-bias curve, mean ± sd over seeds of its runs' bucket means, under
+    the ptq and teacher rows of the first run evaluated with one (the same for every run: eval.py's
+    cache); entries of ``table`` gain ``exposure``."""
+    with_curve = [r for members in groups.values() for r in members if bucket_means(r, "kl")]
+    if not with_curve:
+        return []
+    reference = with_curve[0]["eval"]["rows"]
+    buckets = list(with_curve[0]["eval"]["rows"]["student"]["exposure"]["kl"])
+    for members in groups.values():
+        for r in members:
+            buckets += [b for b in bucket_means(r, "kl") if b not in buckets]
+    curve = reference["student"]["exposure"]
+    lines = ["", f"Exposure-bias curve: each model's own samples of the held-out prompts ({curve['samples_per_prompt']} "
+                 f"a prompt, temperature {curve['temperature']:g}, up to {curve['max_new_tokens']} new tokens), "
+                 "teacher-forced; per position bucket, the mean over prompts (ptq, teacher) or its mean ± sd over "
+                 "seeds (settings).", "",
+             "| setting | measure | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 2)]
+    for name in ("ptq", "teacher"):
+        for metric, label in (("kl", "KL(T‖S)"), ("teacher_nll", "teacher NLL")):
+            means = bucket_means({"eval": {"rows": {"student": reference.get(name, {})}}}, metric)
+            lines.append(f"| {name} | {label} | " + " | ".join(_format(means.get(b), None, "plain") for b in buckets)
+                         + " |")
+    for (key, members), entry in zip(groups.items(), table):
+        setting = " ".join(f"{k}={v}" for k, v in zip(swept, key) if v is not None)
+        entry["exposure"] = {}
+        for metric, label in (("kl", "KL(T‖S)"), ("teacher_nll", "teacher NLL")):
+            cells, entry["exposure"][metric] = [], {}
+            for bucket in buckets:
+                values = [m[bucket] for m in (bucket_means(r, metric) for r in members) if bucket in m]
+                if not values:
+                    cells.append("–")
+                    continue
+                mean, spread = _mean_spread(values)
+                entry["exposure"][metric][bucket] = {"mean": mean, "spread": spread, "n": len(values)}
+                cells.append(_format(mean, spread, "plain"))
+            lines.append(f"| {setting} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def parse_setting(text: str) -> dict[str, str]:
+    """``KEY=V,KEY=V`` (a setting of the grid, the seed aside) as a dict."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if not pairs or any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise BadInput(f"--compare: {text!r} is not a setting; write KEY=VALUE[,KEY=VALUE] with the grid's values, "
+                       "e.g. lmbda=0")
+    return {key.replace("-", "_"): value for key, value in pairs}
+
+
+def runs_of_setting(results: list[dict], setting: dict[str, str]) -> list[dict]:
+    """The runs whose swept values (the seed aside) are exactly ``setting``."""
+    swept, groups = group_by_setting(results)
+    for key, members in groups.items():
+        if {k: v for k, v in zip(swept, key) if v is not None} == setting:
+            return members
+    known = [",".join(f"{k}={v}" for k, v in zip(swept, key) if v is not None) for key in groups]
+    raise BadInput(f"--compare: no runs of {','.join(f'{k}={v}' for k, v in setting.items())}; "
+                   f"the settings here are {'; '.join(known)}")
+
+
+def compare_settings(results: list[dict], a: str, b: str) -> list[str]:
+    """B - A over seeds (report.welch_comparison): the final metrics (gap closed in points)
+    and each bucket of the exposure-bias curve."""
+    from report import verdict, welch_comparison
+
+    runs_a, runs_b = runs_of_setting(results, parse_setting(a)), runs_of_setting(results, parse_setting(b))
+    lines = [f"{b} vs {a}, over seeds ({len(runs_a)} and {len(runs_b)} runs; Welch's 95% CI and p):"]
+    for metric, unit, scale, lower_is_better, digits in (
+            ("heldout_kl", "nats", 1.0, True, 4), ("heldout_kl_gap_closed", "points", 100.0, False, 1),
+            ("teacher_nll_of_student", "nats", 1.0, True, 4), ("teacher_nll_gap_closed", "points", 100.0, False, 1),
+            ("train_min", "min", 1.0, True, 1)):
+        values_a = [r["final"][metric] for r in runs_a if r["final"].get(metric) is not None]
+        values_b = [r["final"][metric] for r in runs_b if r["final"].get(metric) is not None]
+        if len(values_a) >= 2 and len(values_b) >= 2:
+            stats = welch_comparison(values_a, values_b, scale)
+            lines.append(f"- {metric}: {verdict(a, b, stats, unit=unit, digits=digits, lower_is_better=lower_is_better)}")
+    for metric, label in (("kl", "exposure KL(T‖S)"), ("teacher_nll", "exposure teacher NLL")):
+        curves_a, curves_b = [bucket_means(r, metric) for r in runs_a], [bucket_means(r, metric) for r in runs_b]
+        for bucket in dict.fromkeys(bk for c in curves_a + curves_b for bk in c):
+            values_a, values_b = [c[bucket] for c in curves_a if bucket in c], [c[bucket] for c in curves_b if bucket in c]
+            if len(values_a) >= 2 and len(values_b) >= 2:
+                stats = welch_comparison(values_a, values_b)
+                lines.append(f"- {label} {bucket}: "
+                             f"{verdict(a, b, stats, unit='nats', digits=4, lower_is_better=True)}")
+    return lines
 
 
 def plot_summary(results: list[dict], out: Path) -> list[Path]:
@@ -363,11 +467,14 @@ def plot_summary(results: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel("held-out KL(teacher || student) per token")
         ax.set_yscale("log")
-        ax.legend(fontsize=6, ncol=2)
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         written.append(out / name)
+    if any(bucket_means(r, "kl") for r in results):
+        written.append(plot_exposure(results, out / "exposure.png"))
     swept = sorted({k for r in results for k, v in r["values"].items()
                     if len({str(x["values"].get(k)) for x in results}) > 1})
     for key in swept:
@@ -382,6 +489,38 @@ def plot_summary(results: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / f"final_vs_{key}.png")
     return written
+
+
+def plot_exposure(results: list[dict], path: Path) -> Path:
+    """The exposure-bias curves: per setting the mean over seeds (bars: their sd) of each
+    bucket's KL and teacher NLL, with the ptq and teacher rows for reference."""
+    import matplotlib.pyplot as plt
+
+    swept, groups = group_by_setting(results)
+    reference = next(r for r in results if bucket_means(r, "kl"))["eval"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (metric, label) in zip(axes, (("kl", "KL(teacher || student) per token"),
+                                          ("teacher_nll", "teacher NLL per token"))):
+        for name in ("ptq", "teacher"):
+            means = bucket_means({"eval": {"rows": {"student": reference.get(name, {})}}}, metric)
+            if means:
+                ax.plot(list(means), list(means.values()), linestyle="--", color="grey" if name == "ptq" else "black",
+                        label=name)
+        for key, members in groups.items():
+            curves = [bucket_means(r, metric) for r in members]
+            buckets = list(dict.fromkeys(b for c in curves for b in c))
+            if not buckets:
+                continue
+            stats = [_mean_spread([c[b] for c in curves if b in c]) for b in buckets]
+            ax.errorbar(buckets, [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats], marker="o", capsize=3,
+                        label=" ".join(f"{k}={v}" for k, v in zip(swept, key) if v is not None))
+        ax.set_xlabel("position in the sampled continuation (tokens)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def load_results(results_dir: Path) -> list[dict]:
@@ -415,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="eval_flags", nargs="?", const="", default=None, metavar="FLAGS",
                    help="evaluate each finished run with eval.py and these flags (one quoted string)")
     p.add_argument("--summarize", metavar="RESULTS", help="only rebuild the summary from a results directory")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="with --summarize: setting B against setting A over their seeds (each KEY=V[,KEY=V])")
     return p
 
 
@@ -425,8 +566,11 @@ def main(argv=None) -> int:
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     try:
+        if args.compare and not args.summarize:
+            raise BadInput("--compare compares the runs of a results directory: give it with --summarize RESULTS")
         if args.summarize:
-            print(write_summary(Path(args.summarize)))
+            comparison = compare_settings(load_results(Path(args.summarize)), *args.compare) if args.compare else []
+            print("\n".join([write_summary(Path(args.summarize)), *([""] + comparison if comparison else [])]))
             return 0
         return sweep(args, train_flags)
     except BadInput as e:

@@ -1,6 +1,7 @@
 """eval.py: local task configs, rows and table, the paired test, bad input."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import eval as evaluation
 import harness
 import report
+from errors import BadInput
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
@@ -61,6 +63,30 @@ def test_paired_comparison_matches_an_exact_mcnemar_test():
     assert report.verdict("A", "B", stats).startswith("B better than A by 30.00")
     same = report.paired_comparison(a, a)
     assert same["p_value"] == 1.0 and report.verdict("A", "B", same).startswith("no significant difference")
+
+
+@pytest.mark.parametrize("scale_b", [1e-4, 1.0, 30.0])
+def test_welch_comparison_matches_scipys_unequal_variance_t_test(scale_b):
+    from scipy.stats import ttest_ind
+
+    rng = random.Random(7)
+    a = [rng.gauss(0.30, 0.01) for _ in range(3)]
+    b = [rng.gauss(0.28, 0.01 * scale_b) for _ in range(4)]
+    oracle = ttest_ind(b, a, equal_var=False)
+    interval = oracle.confidence_interval(0.95)
+    stats = report.welch_comparison(a, b, scale=100.0)
+    assert stats["diff"] == pytest.approx(100 * (sum(b) / 4 - sum(a) / 3), rel=1e-12)
+    assert stats["p_value"] == pytest.approx(oracle.pvalue, rel=1e-9)
+    assert (stats["ci_low"], stats["ci_high"]) == (pytest.approx(100 * interval.low, rel=1e-9),
+                                                   pytest.approx(100 * interval.high, rel=1e-9))
+    assert stats["n"] == "3+4"
+
+
+def test_welch_comparison_of_identical_runs_is_exact_and_one_run_is_refused():
+    exact = report.welch_comparison([0.2, 0.2], [0.1, 0.1])
+    assert (exact["diff"], exact["ci_low"], exact["ci_high"], exact["p_value"]) == (pytest.approx(-0.1),) * 3 + (0.0,)
+    with pytest.raises(BadInput, match="at least 2 runs of each setting, not 1 and 3"):
+        report.welch_comparison([0.2], [0.1, 0.2, 0.3])
 
 
 def test_perplexity_batch_keeps_its_logits_within_the_budget():

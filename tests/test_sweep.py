@@ -131,6 +131,72 @@ def test_summary_gives_mean_and_spread_over_seeds_per_setting():
                                       "n": 2}
 
 
+def exposure(kl_by_bucket, nll_by_bucket):
+    def curve(means):
+        return {bucket: {"mean": m, "ci_low": m, "ci_high": m, "tokens": 10, "prompts": 2, "sample_sd": None,
+                         "per_prompt": [m, m]} for bucket, m in means.items()}
+
+    return {"max_new_tokens": 64, "samples_per_prompt": 2, "temperature": 1.0, "prompts": 2, "tokens": 40,
+            "kl": curve(kl_by_bucket), "teacher_nll": curve(nll_by_bucket)}
+
+
+def arm_result(values, seed, kl, late_kl):
+    """A run of ``values`` with its held-out KL and an exposure-bias curve (late_kl: 33-64)."""
+    name = "_".join(f"{k}{v}" for k, v in values.items()) + f"_seed{seed}"
+    rows = {"teacher": {"exposure": exposure({"1-32": 0.0, "33-64": 0.0}, {"1-32": 0.5, "33-64": 0.4})},
+            "ptq": {"exposure": exposure({"1-32": 0.6, "33-64": 0.9}, {"1-32": 1.5, "33-64": 1.9})},
+            "student": {"exposure": exposure({"1-32": kl, "33-64": late_kl}, {"1-32": 1.0, "33-64": 1.0 + late_kl})}}
+    return {"name": name, "values": {**values, "seed": seed}, "curve": [],
+            "final": {"step": 5, "heldout_kl": kl, "heldout_kl_gap_closed": 1 - kl / 0.5, "train_min": 3.0 + seed % 2},
+            "eval": {"tasks": [], "limit": None, "rows": rows}}
+
+
+ARMS = ([arm_result({"lmbda": "0"}, s, kl, late) for s, kl, late in ((42, 0.20, 0.40), (43, 0.21, 0.42), (44, 0.19, 0.41))]
+        + [arm_result({"lmbda": "1"}, s, kl, late) for s, kl, late in ((42, 0.25, 0.30), (43, 0.26, 0.31), (44, 0.25, 0.29))]
+        + [arm_result({"seq_kd": "true", "lmbda": "0"}, s, 0.22, 0.35) for s in (42, 43)])
+
+
+def test_the_summary_gives_each_settings_exposure_curve_under_ptq_and_teacher():
+    text, table = sweep.summarize(ARMS)
+    assert "| ptq | KL(T‖S) | 0.6000 | 0.9000 |" in text
+    assert "| teacher | teacher NLL | 0.5000 | 0.4000 |" in text
+    assert "| lmbda=1 | KL(T‖S) | 0.2533 ± 0.0058 | 0.3000 ± 0.0100 |" in text
+    assert "| lmbda=0 seq_kd=true | KL(T‖S) | 0.2200 ± 0.0000 | 0.3500 ± 0.0000 |" in text
+    assert table[0]["exposure"]["kl"]["33-64"] == {"mean": pytest.approx(0.41), "spread": pytest.approx(0.01), "n": 3}
+
+
+def test_compare_tests_one_setting_against_another_over_seeds(tmp_path, capsys):
+    for result in ARMS:
+        (tmp_path / f"{result['name']}.json").write_text(json.dumps(result))
+    assert sweep.main(["--summarize", str(tmp_path), "--compare", "lmbda=0", "lmbda=1"]) == 0
+    out = capsys.readouterr().out
+    assert "lmbda=1 vs lmbda=0, over seeds (3 and 3 runs" in out
+    # worse on held-out KL, better late in its own samples, level on the minutes
+    assert "- heldout_kl: lmbda=0 better than lmbda=1 by 0.0533" in out
+    assert "- exposure KL(T‖S) 33-64: lmbda=1 better than lmbda=0 by 0.1100" in out
+    assert "- train_min: no significant difference" in out
+    assert (tmp_path / "exposure.png").exists()
+    # the seq-kd arm is its own setting, not lmbda=0's
+    assert sweep.main(["--summarize", str(tmp_path), "--compare", "lmbda=0", "seq_kd=true,lmbda=0"]) == 0
+    assert "(3 and 2 runs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compare", "lmbda=0", "lmbda=1"], "give it with --summarize RESULTS"),
+    (["--compare", "lmbda", "lmbda=1", "--summarize", "RESULTS"], "'lmbda' is not a setting"),
+    (["--compare", "lmbda=0", "lmbda=0.5", "--summarize", "RESULTS"],
+     "no runs of lmbda=0.5; the settings here are lmbda=0; lmbda=1; lmbda=0,seq_kd=true"),
+])
+def test_a_bad_comparison_is_one_line(tmp_path, capsys, argv, message):
+    for result in ARMS:
+        (tmp_path / f"{result['name']}.json").write_text(json.dumps(result))
+    assert sweep.main([a.replace("RESULTS", str(tmp_path)) for a in argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert captured.out == "" and not (tmp_path / "summary.md").exists()
+
+
 def test_final_metrics_take_the_curve_and_close_each_gap_against_teacher_and_ptq():
     curve = [{"step": 0, "train_s": 0.0, "tokens_generated": 0, "heldout_kl": 0.5, "heldout_kl_gap_closed": 0.0},
              {"step": 10, "train_s": 120.0, "tokens_generated": 640, "heldout_kl": 0.1, "heldout_kl_gap_closed": 0.8}]
