@@ -526,7 +526,9 @@ def plot_exposure(results: list[dict], path: Path) -> Path:
 def load_results(results_dir: Path) -> list[dict]:
     if not results_dir.is_dir():
         raise BadInput(f"results directory {results_dir} does not exist")
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")) if p.name != "summary.json"]
+    # other JSON files may share the directory (a calibration, say): a run's result has these keys
+    results = [r for r in (json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))
+                           if p.name != "summary.json") if isinstance(r, dict) and {"name", "values", "final"} <= set(r)]
     if not results:
         raise BadInput(f"no run results (*.json) in {results_dir}")
     return results

@@ -168,6 +168,7 @@ def test_the_summary_gives_each_settings_exposure_curve_under_ptq_and_teacher():
 def test_compare_tests_one_setting_against_another_over_seeds(tmp_path, capsys):
     for result in ARMS:
         (tmp_path / f"{result['name']}.json").write_text(json.dumps(result))
+    (tmp_path / "calibration.json").write_text(json.dumps({"lmbda0": {"median_step_s": 16.3}}))  # not a run
     assert sweep.main(["--summarize", str(tmp_path), "--compare", "lmbda=0", "lmbda=1"]) == 0
     out = capsys.readouterr().out
     assert "lmbda=1 vs lmbda=0, over seeds (3 and 3 runs" in out
