@@ -317,10 +317,15 @@ def group_by_setting(results: list[dict]) -> tuple[list[str], dict[tuple, list[d
     return swept, groups
 
 
-def bucket_means(result: dict, metric: str) -> dict[str, float]:
-    """A run's exposure-bias curve (eval.py --embedded): the mean over prompts of ``metric``
-    ("kl" or "teacher_nll") in each position bucket; empty without one."""
-    curve = ((result.get("eval") or {}).get("rows", {}).get("student") or {}).get("exposure") or {}
+def student_row(result: dict) -> dict:
+    """A run's own row of its evaluation (empty without one)."""
+    return (result.get("eval") or {}).get("rows", {}).get("student") or {}
+
+
+def bucket_means(row: dict, metric: str) -> dict[str, float]:
+    """An evaluated row's exposure-bias curve (eval.py --embedded): the mean over prompts of
+    ``metric`` ("kl" or "teacher_nll") in each position bucket; empty without one."""
+    curve = row.get("exposure") or {}
     return {bucket: stats["mean"] for bucket, stats in curve.get(metric, {}).items() if stats["mean"] is not None}
 
 
@@ -363,14 +368,13 @@ def exposure_table(swept: list[str], groups: dict[tuple, list[dict]], table: lis
     """Each setting's exposure-bias curve, mean ± sd over seeds of its runs' bucket means, under
     the ptq and teacher rows of the first run evaluated with one (the same for every run: eval.py's
     cache); entries of ``table`` gain ``exposure``."""
-    with_curve = [r for members in groups.values() for r in members if bucket_means(r, "kl")]
+    from report import CURVE_METRICS
+
+    with_curve = [r for members in groups.values() for r in members if bucket_means(student_row(r), "kl")]
     if not with_curve:
         return []
     reference = with_curve[0]["eval"]["rows"]
-    buckets = list(with_curve[0]["eval"]["rows"]["student"]["exposure"]["kl"])
-    for members in groups.values():
-        for r in members:
-            buckets += [b for b in bucket_means(r, "kl") if b not in buckets]
+    buckets = list(dict.fromkeys(b for r in with_curve for b in bucket_means(student_row(r), "kl")))
     curve = reference["student"]["exposure"]
     lines = ["", f"Exposure-bias curve: each model's own samples of the held-out prompts ({curve['samples_per_prompt']} "
                  f"a prompt, temperature {curve['temperature']:g}, up to {curve['max_new_tokens']} new tokens), "
@@ -378,17 +382,17 @@ def exposure_table(swept: list[str], groups: dict[tuple, list[dict]], table: lis
                  "seeds (settings).", "",
              "| setting | measure | " + " | ".join(buckets) + " |", "|" + "---|" * (len(buckets) + 2)]
     for name in ("ptq", "teacher"):
-        for metric, label in (("kl", "KL(T‖S)"), ("teacher_nll", "teacher NLL")):
-            means = bucket_means({"eval": {"rows": {"student": reference.get(name, {})}}}, metric)
+        for metric, label in CURVE_METRICS:
+            means = bucket_means(reference.get(name, {}), metric)
             lines.append(f"| {name} | {label} | " + " | ".join(_format(means.get(b), None, "plain") for b in buckets)
                          + " |")
     for (key, members), entry in zip(groups.items(), table):
         setting = " ".join(f"{k}={v}" for k, v in zip(swept, key) if v is not None)
         entry["exposure"] = {}
-        for metric, label in (("kl", "KL(T‖S)"), ("teacher_nll", "teacher NLL")):
+        for metric, label in CURVE_METRICS:
             cells, entry["exposure"][metric] = [], {}
             for bucket in buckets:
-                values = [m[bucket] for m in (bucket_means(r, metric) for r in members) if bucket in m]
+                values = [m[bucket] for m in (bucket_means(student_row(r), metric) for r in members) if bucket in m]
                 if not values:
                     cells.append("–")
                     continue
@@ -422,7 +426,7 @@ def runs_of_setting(results: list[dict], setting: dict[str, str]) -> list[dict]:
 def compare_settings(results: list[dict], a: str, b: str) -> list[str]:
     """B - A over seeds (report.welch_comparison): the final metrics (gap closed in points)
     and each bucket of the exposure-bias curve."""
-    from report import verdict, welch_comparison
+    from report import CURVE_METRICS, verdict, welch_comparison
 
     runs_a, runs_b = runs_of_setting(results, parse_setting(a)), runs_of_setting(results, parse_setting(b))
     lines = [f"{b} vs {a}, over seeds ({len(runs_a)} and {len(runs_b)} runs; Welch's 95% CI and p):"]
@@ -435,13 +439,14 @@ def compare_settings(results: list[dict], a: str, b: str) -> list[str]:
         if len(values_a) >= 2 and len(values_b) >= 2:
             stats = welch_comparison(values_a, values_b, scale)
             lines.append(f"- {metric}: {verdict(a, b, stats, unit=unit, digits=digits, lower_is_better=lower_is_better)}")
-    for metric, label in (("kl", "exposure KL(T‖S)"), ("teacher_nll", "exposure teacher NLL")):
-        curves_a, curves_b = [bucket_means(r, metric) for r in runs_a], [bucket_means(r, metric) for r in runs_b]
+    for metric, label in CURVE_METRICS:
+        curves_a = [bucket_means(student_row(r), metric) for r in runs_a]
+        curves_b = [bucket_means(student_row(r), metric) for r in runs_b]
         for bucket in dict.fromkeys(bk for c in curves_a + curves_b for bk in c):
             values_a, values_b = [c[bucket] for c in curves_a if bucket in c], [c[bucket] for c in curves_b if bucket in c]
             if len(values_a) >= 2 and len(values_b) >= 2:
                 stats = welch_comparison(values_a, values_b)
-                lines.append(f"- {label} {bucket}: "
+                lines.append(f"- exposure {label} {bucket}: "
                              f"{verdict(a, b, stats, unit='nats', digits=4, lower_is_better=True)}")
     return lines
 
@@ -473,7 +478,7 @@ def plot_summary(results: list[dict], out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         written.append(out / name)
-    if any(bucket_means(r, "kl") for r in results):
+    if any(bucket_means(student_row(r), "kl") for r in results):
         written.append(plot_exposure(results, out / "exposure.png"))
     swept = sorted({k for r in results for k, v in r["values"].items()
                     if len({str(x["values"].get(k)) for x in results}) > 1})
@@ -496,18 +501,19 @@ def plot_exposure(results: list[dict], path: Path) -> Path:
     bucket's KL and teacher NLL, with the ptq and teacher rows for reference."""
     import matplotlib.pyplot as plt
 
+    from report import CURVE_METRICS
+
     swept, groups = group_by_setting(results)
-    reference = next(r for r in results if bucket_means(r, "kl"))["eval"]["rows"]
+    reference = next(r for r in results if bucket_means(student_row(r), "kl"))["eval"]["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (metric, label) in zip(axes, (("kl", "KL(teacher || student) per token"),
-                                          ("teacher_nll", "teacher NLL per token"))):
+    for ax, (metric, label) in zip(axes, CURVE_METRICS):
         for name in ("ptq", "teacher"):
-            means = bucket_means({"eval": {"rows": {"student": reference.get(name, {})}}}, metric)
+            means = bucket_means(reference.get(name, {}), metric)
             if means:
                 ax.plot(list(means), list(means.values()), linestyle="--", color="grey" if name == "ptq" else "black",
                         label=name)
         for key, members in groups.items():
-            curves = [bucket_means(r, metric) for r in members]
+            curves = [bucket_means(student_row(r), metric) for r in members]
             buckets = list(dict.fromkeys(b for c in curves for b in c))
             if not buckets:
                 continue
@@ -515,7 +521,7 @@ def plot_exposure(results: list[dict], path: Path) -> Path:
             ax.errorbar(buckets, [m for m, _ in stats], yerr=[sd or 0.0 for _, sd in stats], marker="o", capsize=3,
                         label=" ".join(f"{k}={v}" for k, v in zip(swept, key) if v is not None))
         ax.set_xlabel("position in the sampled continuation (tokens)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(f"{label} per token")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
